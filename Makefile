@@ -1,0 +1,36 @@
+# make run  : create/update .venv, install kdpipe, run the default pipeline
+# make test : create/update .venv, install kdpipe[dev], run the test suite
+# make bench: run the benchmarks and rewrite BENCHMARKS.md
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall only when the dependency list changes; the package itself is an
+# editable install, so source edits need no reinstall.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) run_pipeline.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check src steps pipelines tests benchmarks run_pipeline.py
+
+clean:
+	rm -rf $(VENV) .zen mlruns mlflow.db build *.egg-info

