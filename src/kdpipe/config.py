@@ -194,6 +194,11 @@ class PruneConfig(_Frozen):
 # -------------------------------------------------------------------------- export
 class ExportConfig(_Frozen):
     opset: int = Field(18, ge=13, le=23)
+    """ONNX opset; the dynamo exporter emits 18+ natively (lower opsets go through ONNX's
+    version converter, which may fail for some ops)."""
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    """``dynamo`` (torch.export-based, the default since PyTorch 2.9) or the deprecated
+    TorchScript exporter, for a model the dynamo exporter cannot handle."""
     atol: float = Field(1e-4, gt=0.0)
     rtol: float = Field(1e-3, gt=0.0)
     check_parity: bool = True
@@ -231,6 +236,36 @@ class EvalConfig(_Frozen):
     latency_warmup: int = Field(5, ge=0)
 
 
+# ------------------------------------------------------------------------- predict
+class PredictConfig(_Frozen):
+    """Batch inference with the promoted student (the registry's ``champion``).
+
+    Exactly one input: a dataset split (``data`` + ``split``; labels give an accuracy) or
+    an ``image_folder`` (flat, or one sub-folder per class name for an accuracy). Images
+    must already have the champion's size and channel count: nothing is resized.
+    """
+
+    data: DataConfig | None = None
+    """The dataset whose ``split`` is predicted (same keys as ``parameters.data``)."""
+    split: Literal["train", "val", "test"] = "test"
+    image_folder: str | None = None
+    """A folder of images, predicted file by file (sub-folders named after classes = labels)."""
+    batch_size: int = Field(256, gt=0)
+    output_path: str | None = None
+    """Also write the predictions to this file: ``.csv`` or ``.json``."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PredictConfig:
+        if (self.data is None) == (self.image_folder is None):
+            raise ValueError(
+                "set exactly one of predict.data (a dataset split) and predict.image_folder "
+                f"(got data={'set' if self.data else None}, image_folder={self.image_folder!r})")
+        if self.output_path is not None and Path(self.output_path).suffix not in {".csv", ".json"}:
+            raise ValueError(f"predict.output_path must end in .csv or .json "
+                             f"(got {self.output_path!r})")
+        return self
+
+
 # --------------------------------------------------------------------------- whole
 class PipelineConfig(_Frozen):
     """Everything under ``parameters:`` of a kdpipe run-configuration file."""
@@ -244,6 +279,8 @@ class PipelineConfig(_Frozen):
     evaluate: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    predict: PredictConfig | None = None
+    """Only in predict configs (configs/predict.yaml): batch inference with the champion."""
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
@@ -294,3 +331,30 @@ def load_config(path: str | Path) -> PipelineConfig:
             "set steps.<name>.enable_cache instead (or pass --no-cache)"
         )
     return parse_config(data.get("parameters"), "parameters")
+
+
+def load_predict_config(path: str | Path) -> tuple[PredictConfig, TrackingConfig]:
+    """Load the ``parameters:`` of a predict run-configuration (``configs/predict.yaml``).
+
+    Only ``predict`` (required) and ``tracking`` are allowed there: they are the
+    parameters of the predict pipeline.
+
+    Raises:
+        ConfigError: naming the file and the key.
+    """
+    data = read_yaml(path)
+    if "enable_cache" in data:
+        raise ConfigError(f"{path}: top-level 'enable_cache' is not allowed; use --no-cache")
+    params = data.get("parameters") or {}
+    unknown = sorted(set(params) - {"predict", "tracking"})
+    problems = [f"  parameters.{k}: unknown key for the predict pipeline (allowed: predict, "
+                "tracking)" for k in unknown]
+    if "predict" not in params:
+        problems.append("  parameters.predict: required (the data split or image folder to "
+                        "predict; see configs/predict.yaml)")
+    if problems:
+        raise ConfigError(f"invalid predict configuration {path} ({len(problems)} problem(s)):\n"
+                          + "\n".join(problems))
+    cfg = parse_config(params)
+    assert cfg.predict is not None
+    return cfg.predict, cfg.tracking

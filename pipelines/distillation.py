@@ -1,0 +1,71 @@
+"""The distillation pipeline: wiring only (every step lives in steps/, all logic in kdpipe).
+
+    ingest_data → finetune_teacher → distill_student → prune_student → export_onnx
+                → evaluate_models → gate_student → promote_student
+
+Parameters are the sections of :class:`kdpipe.config.PipelineConfig`, given under
+``parameters:`` of a run-configuration YAML (``configs/*.yaml``); their defaults are
+those of kdpipe.config. Each run is a version of the ZenML Model named in the YAML's
+``model:`` section (Model Control Plane); every artifact is linked to that version.
+"""
+
+from __future__ import annotations
+
+from zenml import Model, pipeline
+
+from kdpipe.config import (
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    ExportConfig,
+    GateConfig,
+    PipelineConfig,
+    PruneConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrackingConfig,
+)
+from steps.distill_student import distill_student
+from steps.evaluate_models import evaluate_models
+from steps.export_onnx import export_onnx
+from steps.finetune_teacher import finetune_teacher
+from steps.gate_student import gate_student
+from steps.ingest_data import ingest_data
+from steps.promote_student import promote_student
+from steps.prune_student import prune_student
+
+DEFAULT_MODEL_NAME = "kdpipe-student"
+"""ZenML model name when the YAML has no ``model:`` section."""
+_DEFAULTS = PipelineConfig()  # frozen: safe to share as parameter defaults
+
+
+@pipeline(model=Model(name=DEFAULT_MODEL_NAME,
+                      description="A student distilled, pruned and exported by kdpipe."))
+def distillation_pipeline(
+    data: DataConfig = _DEFAULTS.data,
+    teacher: TeacherConfig = _DEFAULTS.teacher,
+    student: StudentConfig = _DEFAULTS.student,
+    distill: DistillConfig = _DEFAULTS.distill,
+    prune: PruneConfig = _DEFAULTS.prune,
+    export: ExportConfig = _DEFAULTS.export,
+    evaluate: EvalConfig = _DEFAULTS.evaluate,
+    gate: GateConfig = _DEFAULTS.gate,
+    tracking: TrackingConfig = _DEFAULTS.tracking,
+) -> None:
+    """Teacher → distilled student → pruned student → ONNX → evaluation → gate → promotion."""
+    config = PipelineConfig(data=data, teacher=teacher, student=student, distill=distill,
+                            prune=prune, export=export, evaluate=evaluate, gate=gate,
+                            tracking=tracking)
+    dataset = ingest_data(config=config)
+    teacher_model = finetune_teacher(dataset=dataset, teacher_cfg=teacher, tracking_cfg=tracking)
+    student_model = distill_student(dataset=dataset, teacher=teacher_model, student_cfg=student,
+                                    distill_cfg=distill, tracking_cfg=tracking)
+    pruned = prune_student(dataset=dataset, student=student_model, teacher=teacher_model,
+                           prune_cfg=prune, distill_cfg=distill, tracking_cfg=tracking)
+    onnx = export_onnx(pruned_student=pruned, export_cfg=export, tracking_cfg=tracking)
+    evaluation = evaluate_models(dataset=dataset, teacher=teacher_model, student=student_model,
+                                 pruned_student=pruned, student_onnx=onnx, evaluate_cfg=evaluate,
+                                 tracking_cfg=tracking)
+    decision = gate_student(evaluation=evaluation, gate_cfg=gate)
+    promote_student(gate_decision=decision, student_onnx=onnx, pruned_student=pruned,
+                    teacher=teacher_model, tracking_cfg=tracking, gate_cfg=gate)

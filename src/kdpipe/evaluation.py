@@ -1,0 +1,456 @@
+"""Evaluate teacher, student, pruned student, the exported ONNX model and production.
+
+Everything is measured on one split (``test`` by default) in a single pass over the
+raw-pixel loader: each PyTorch model normalises the batch with its own bundle's mean /
+std, while ONNX models take the raw pixels in [0, 1] (their normalisation lives inside
+the graph). The same pass gives the parity error: the largest absolute difference
+between ONNX Runtime's outputs and the pruned PyTorch model's on every test sample.
+
+The current production student is evaluated on the same split when it is compatible
+(same classes, same input shape); otherwise the report records why it was not, so that
+a dataset change never crashes a scheduled run: it simply disables the production
+comparison in the gate.
+
+:class:`EvaluationReport` is a frozen pydantic model: JSON-serialisable (it is the
+``evaluation`` artifact), with :meth:`EvaluationReport.metadata` for dashboards and
+:meth:`EvaluationReport.to_html` for a human-readable view.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from kdpipe.config import EvalConfig
+
+__all__ = [
+    "CANDIDATE",
+    "EvaluationError",
+    "EvaluationReport",
+    "LatencyStats",
+    "ModelEvaluation",
+    "ProductionCandidate",
+    "ProductionComparison",
+    "compatibility_problem",
+    "evaluate_models",
+    "onnx_session",
+]
+
+CANDIDATE = "onnx"
+"""Key of the model that would be promoted: the exported ONNX student."""
+PYTORCH_MODELS = ("teacher", "student", "pruned_student")
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation could not be carried out (unreadable model, wrong output shape...)."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- report
+class LatencyStats(_Frozen):
+    """Wall-clock latency of one forward pass at a given batch size."""
+
+    batch_size: int
+    p50_ms: float
+    p95_ms: float
+    mean_ms: float
+
+
+class ModelEvaluation(_Frozen):
+    """What one model achieved on the evaluation split."""
+
+    name: str
+    runtime: Literal["pytorch", "onnxruntime"]
+    accuracy: float
+    per_class_accuracy: list[float | None]
+    """Recall per class, in the order of :attr:`EvaluationReport.classes`; ``None`` for a
+    class without samples in the split (JSON has no NaN)."""
+    confusion: list[list[int]]
+    """``confusion[true][predicted]`` counts."""
+    num_samples: int
+    params: int | None = None
+    macs: int | None = None
+    size_bytes: int | None = None
+    """Serialized weights (PyTorch) or the .onnx file's size."""
+    latency: list[LatencyStats] = []
+
+    def latency_at(self, batch_size: int) -> LatencyStats | None:
+        """The latency measured at ``batch_size``, or None when not measured."""
+        return next((s for s in self.latency if s.batch_size == batch_size), None)
+
+
+class ProductionComparison(_Frozen):
+    """Whether the current production student could be compared, and how it did."""
+
+    status: Literal["evaluated", "absent", "incompatible", "unreadable"]
+    reason: str
+    """Human-readable: ``no production model``, ``classes differ: ...``, ..."""
+    version: str | None = None
+    evaluation: ModelEvaluation | None = None
+
+
+class EvaluationReport(_Frozen):
+    """Every model's numbers on one split: the ``evaluation`` artifact."""
+
+    split: str
+    classes: list[str]
+    input_shape: tuple[int, int, int]
+    dataset_fingerprint: str
+    models: dict[str, ModelEvaluation]
+    """Keys: ``teacher``, ``student``, ``pruned_student`` (PyTorch) and ``onnx``."""
+    parity_max_abs_diff: float
+    """max |ONNX Runtime output - pruned PyTorch output| over the whole split."""
+    production: ProductionComparison
+
+    @property
+    def candidate(self) -> ModelEvaluation:
+        """The model that would be promoted (the ONNX export of the pruned student)."""
+        return self.models[CANDIDATE]
+
+    def compression(self, metric: Literal["params", "macs"]) -> float | None:
+        """Teacher / candidate ratio of ``params`` or ``macs`` (None when unmeasured)."""
+        teacher = getattr(self.models["teacher"], metric)
+        candidate = getattr(self.candidate, metric)
+        if not teacher or not candidate:
+            return None
+        return teacher / candidate
+
+    def metadata(self) -> dict[str, float | int | str]:
+        """Flat key -> value summary for the ZenML dashboard and MLflow."""
+        out: dict[str, float | int | str] = {
+            "split": self.split,
+            "num_samples": self.candidate.num_samples,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "parity_max_abs_diff": self.parity_max_abs_diff,
+            "production_status": self.production.status,
+            "production_reason": self.production.reason,
+        }
+        for name, ev in self.models.items():
+            out[f"{name}_accuracy"] = ev.accuracy
+            for key in ("params", "macs", "size_bytes"):
+                if getattr(ev, key) is not None:
+                    out[f"{name}_{key}"] = getattr(ev, key)
+            for lat in ev.latency:
+                out[f"{name}_p50_ms_b{lat.batch_size}"] = lat.p50_ms
+                out[f"{name}_p95_ms_b{lat.batch_size}"] = lat.p95_ms
+        for metric in ("params", "macs"):
+            ratio = self.compression(metric)
+            if ratio is not None:
+                out[f"compression_{metric}"] = ratio
+        if self.production.evaluation is not None:
+            out["production_accuracy"] = self.production.evaluation.accuracy
+            out["production_version"] = self.production.version or ""
+        return out
+
+    def to_html(self) -> str:
+        """A standalone HTML page: one row per model, then the candidate's confusion matrix."""
+        rows = [*self.models.values()]
+        if self.production.evaluation is not None:
+            rows.append(self.production.evaluation)
+        head = ("<tr><th>model</th><th>runtime</th><th>accuracy</th><th>params</th>"
+                "<th>MACs</th><th>size (MB)</th><th>latency p50 / p95 (ms)</th></tr>")
+        body = "".join(_model_row(ev) for ev in rows)
+        prod = html.escape(f"production: {self.production.status} ({self.production.reason})")
+        return (
+            f"<html><head><meta charset='utf-8'><style>{_CSS}</style></head><body>"
+            f"<h3>Evaluation on the {html.escape(self.split)} split "
+            f"({self.candidate.num_samples} samples)</h3>"
+            f"<table>{head}{body}</table>"
+            f"<p>ONNX Runtime vs pruned PyTorch: max |diff| = {self.parity_max_abs_diff:.3g}</p>"
+            f"<p>{prod}</p>"
+            f"<h3>Confusion matrix of the candidate (rows: true, columns: predicted)</h3>"
+            f"{_confusion_table(self.classes, self.candidate)}</body></html>"
+        )
+
+
+_CSS = ("table{border-collapse:collapse;font-family:sans-serif;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "th{background:#f3f3f3}.hit{background:#d7f0d7}")
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _model_row(ev: ModelEvaluation) -> str:
+    lat = "; ".join(f"b{s.batch_size}: {s.p50_ms:.3g} / {s.p95_ms:.3g}" for s in ev.latency)
+    size_mb = None if ev.size_bytes is None else ev.size_bytes / 1e6
+    cells = [html.escape(ev.name), ev.runtime, f"{ev.accuracy:.4f}", _fmt(ev.params, ","),
+             _fmt(ev.macs, ","), _fmt(size_mb, ".3f"), lat or "–"]
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def _confusion_table(classes: Sequence[str], ev: ModelEvaluation) -> str:
+    head = "<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in classes) + "</tr>"
+    rows = []
+    for i, (name, counts) in enumerate(zip(classes, ev.confusion, strict=True)):
+        cells = "".join(f"<td class='{'hit' if i == j else ''}'>{n}</td>"
+                        for j, n in enumerate(counts))
+        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+# ---------------------------------------------------------------------- computing
+@dataclass(frozen=True)
+class ProductionCandidate:
+    """The current production student, as the evaluation needs it.
+
+    Built by the evaluate step from the production model version's ``student_onnx``
+    artifact; the core never looks the registry up itself.
+
+    Attributes:
+        onnx_path: the production .onnx file (raw-pixel input, logits output).
+        version: registry version label, for the report.
+        classes: the class names it was trained on, in output order.
+        input_shape: its (C, H, W).
+        params: parameter count, when known.
+        macs: MACs per sample, when known.
+    """
+
+    onnx_path: Path
+    version: str
+    classes: list[str]
+    input_shape: tuple[int, int, int]
+    params: int | None = None
+    macs: int | None = None
+
+
+def compatibility_problem(classes: Sequence[str], input_shape: Sequence[int],
+                          expected_classes: Sequence[str],
+                          expected_shape: Sequence[int]) -> str | None:
+    """Why a model cannot be evaluated on a dataset, or None when it can.
+
+    Returns:
+        e.g. ``"classes differ: production ['0', '1'] vs dataset ['0', '1', '2']"``.
+    """
+    if list(classes) != list(expected_classes):
+        return f"classes differ: production {list(classes)} vs dataset {list(expected_classes)}"
+    if tuple(input_shape) != tuple(expected_shape):
+        return (f"input shapes differ: production {tuple(input_shape)} vs dataset "
+                f"{tuple(expected_shape)}")
+    return None
+
+
+def onnx_session(path: str | Path) -> Any:
+    """An ONNX Runtime CPU session for ``path``, with an error naming the file."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises several private exception types
+        raise EvaluationError(f"ONNX Runtime cannot load {path}: {err}") from err
+
+
+@dataclass
+class _Tally:
+    """Predictions and targets of one model, accumulated batch by batch."""
+
+    preds: list[np.ndarray] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, logits: np.ndarray, y: np.ndarray) -> None:
+        self.preds.append(logits.argmax(axis=1))
+        self.targets.append(y)
+
+    def result(self, name: str, runtime: Literal["pytorch", "onnxruntime"], num_classes: int,
+               **extra: Any) -> ModelEvaluation:
+        from kdpipe import metrics
+
+        preds, targets = np.concatenate(self.preds), np.concatenate(self.targets)
+        cm = metrics.confusion_matrix(torch.from_numpy(preds), torch.from_numpy(targets),
+                                      num_classes)
+        per_class = [None if np.isnan(v) else float(v)
+                     for v in metrics.per_class_accuracy(cm).tolist()]
+        return ModelEvaluation(name=name, runtime=runtime,
+                               accuracy=float((preds == targets).mean()),
+                               per_class_accuracy=per_class, confusion=cm.tolist(),
+                               num_samples=int(len(targets)), **extra)
+
+
+def _normalizer(mean: Sequence[float], std: Sequence[float]) -> Callable[[torch.Tensor],
+                                                                         torch.Tensor]:
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    return lambda x: (x - m) / s
+
+
+def _ort_runner(session: Any, label: str = "the ONNX model"
+                ) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> first output`` with errors that name the model and the input shape."""
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            return session.run(None, {name: x})[0]
+        except Exception as err:  # ORT raises private exception types
+            raise EvaluationError(
+                f"{label} failed on an input of shape {tuple(x.shape)}: {err}") from err
+
+    return run
+
+
+def _latencies(fn_for_batch: Callable[[int], Callable[[], Any]], cfg: EvalConfig
+               ) -> list[LatencyStats]:
+    from kdpipe.metrics import latency_stats
+
+    out = []
+    for b in cfg.latency_batch_sizes:
+        stats = latency_stats(fn_for_batch(b), repeats=cfg.latency_repeats,
+                              warmup=cfg.latency_warmup)
+        out.append(LatencyStats(batch_size=b, **stats))
+    return out
+
+
+def _random_raw(batch: int, shape: Sequence[int]) -> np.ndarray:
+    # Latency does not depend on the values; a fixed seed keeps runs comparable.
+    return np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+
+
+def _torch_latency(model: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int], cfg: EvalConfig
+                   ) -> list[LatencyStats]:
+    def make(b: int) -> Callable[[], Any]:
+        x = torch.from_numpy(_random_raw(b, shape))
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return model(x)
+
+        return run
+
+    return _latencies(make, cfg)
+
+
+def _onnx_latency(run: Callable[[np.ndarray], np.ndarray], shape: Sequence[int],
+                  cfg: EvalConfig) -> list[LatencyStats]:
+    def make(b: int) -> Callable[[], Any]:
+        x = _random_raw(b, shape)
+        return lambda: run(x)
+
+    return _latencies(make, cfg)
+
+
+def _check_logits(name: str, out: np.ndarray, batch: int, num_classes: int) -> None:
+    if out.shape != (batch, num_classes):
+        raise EvaluationError(
+            f"{name} returned outputs of shape {tuple(out.shape)} for a batch of {batch}; "
+            f"expected ({batch}, {num_classes}) logits (one per class of the dataset)")
+
+
+def evaluate_models(
+    dataset: Any,
+    teacher: Any,
+    student: Any,
+    pruned_student: Any,
+    onnx_path: str | Path,
+    cfg: EvalConfig,
+    *,
+    production: ProductionCandidate | None = None,
+    production_reason: str = "no production model",
+    split: str = "test",
+) -> EvaluationReport:
+    """Evaluate every model on one split in a single pass over the data.
+
+    Args:
+        dataset: the :class:`kdpipe.data.DatasetSpec`.
+        teacher: a :class:`kdpipe.bundle.Bundle` (``.model``, ``.spec.mean`` / ``.std``).
+        student: likewise.
+        pruned_student: likewise; the model the ONNX file was exported from.
+        onnx_path: the exported student (raw-pixel input, normalisation inside).
+        cfg: latency batch sizes, repeats and warm-up.
+        production: the current production student, or None.
+        production_reason: why ``production`` is None (recorded in the report).
+        split: the split to evaluate on.
+
+    Returns:
+        The report; an incompatible or unreadable production model is a recorded reason,
+        never an exception.
+
+    Raises:
+        EvaluationError: the candidate ONNX model cannot be loaded or returns outputs that
+            are not one logit per dataset class.
+    """
+    from kdpipe.data import make_loader
+    from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
+
+    shape, k = tuple(dataset.input_shape), len(dataset.classes)
+    bundles = {"teacher": teacher, "student": student, "pruned_student": pruned_student}
+    norms = {n: _normalizer(b.spec.mean, b.spec.std) for n, b in bundles.items()}
+    for b in bundles.values():
+        b.model.eval()
+    onnx_run = _ort_runner(onnx_session(onnx_path), f"the ONNX model {onnx_path}")
+    prod_run, prod_status = _open_production(production, production_reason, dataset)
+
+    tallies = {name: _Tally() for name in (*bundles, CANDIDATE, "production")}
+    parity = 0.0
+    loader = make_loader(dataset, split, train=False, normalize=False)
+    with torch.inference_mode():
+        for x, y, *_ in loader:
+            y_np, n = y.numpy(), len(y)
+            outs = {name: b.model(norms[name](x)).float().numpy() for name, b in bundles.items()}
+            outs[CANDIDATE] = onnx_run(x.numpy())
+            for name, out in outs.items():
+                _check_logits(name, out, n, k)
+                tallies[name].add(out, y_np)
+            # Parity on every sample of the split, not only on the export's example input.
+            parity = max(parity, float(np.abs(outs[CANDIDATE] - outs["pruned_student"]).max()))
+            if prod_run is not None:
+                tallies["production"].add(prod_run(x.numpy()), y_np)
+
+    models = {
+        name: tallies[name].result(
+            name, "pytorch", k, params=count_params(b.model), macs=count_macs(b.model, shape),
+            size_bytes=serialized_size_bytes(b.model),
+            latency=_torch_latency(_normalized(b.model, norms[name]), shape, cfg))
+        for name, b in bundles.items()
+    }
+    pruned = models["pruned_student"]
+    models[CANDIDATE] = tallies[CANDIDATE].result(
+        CANDIDATE, "onnxruntime", k, params=pruned.params, macs=pruned.macs,
+        size_bytes=Path(onnx_path).stat().st_size, latency=_onnx_latency(onnx_run, shape, cfg))
+    if prod_run is not None:
+        assert production is not None
+        prod_status = prod_status.model_copy(update={"evaluation": tallies["production"].result(
+            "production", "onnxruntime", k, params=production.params, macs=production.macs,
+            size_bytes=production.onnx_path.stat().st_size,
+            latency=_onnx_latency(prod_run, shape, cfg))})
+    return EvaluationReport(split=split, classes=list(dataset.classes), input_shape=shape,
+                            dataset_fingerprint=dataset.fingerprint, models=models,
+                            parity_max_abs_diff=parity, production=prod_status)
+
+
+def _normalized(model: torch.nn.Module, norm: Callable[[torch.Tensor], torch.Tensor]
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Raw pixels in, logits out: the same work the ONNX graph does (fair latency)."""
+    return lambda x: model(norm(x))
+
+
+def _open_production(production: ProductionCandidate | None, reason: str, dataset: Any
+                     ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, ProductionComparison]:
+    """A runner for the production model when it can be evaluated, and its status."""
+    if production is None:
+        return None, ProductionComparison(status="absent", reason=reason)
+    problem = compatibility_problem(production.classes, production.input_shape,
+                                    dataset.classes, dataset.input_shape)
+    if problem is not None:
+        return None, ProductionComparison(status="incompatible", reason=problem,
+                                          version=production.version)
+    try:
+        run = _ort_runner(onnx_session(production.onnx_path), "the production model")
+        probe = run(_random_raw(2, dataset.input_shape))
+        _check_logits("the production model", probe, 2, len(dataset.classes))
+    except EvaluationError as err:
+        # A broken production artifact must not block a new candidate: record it.
+        return None, ProductionComparison(status="unreadable", reason=str(err),
+                                          version=production.version)
+    return run, ProductionComparison(status="evaluated", reason="evaluated on the same split",
+                                     version=production.version)

@@ -1,0 +1,498 @@
+"""Structural channel pruning through Torch-Pruning, with KD recovery between steps.
+
+Structural, not masks: Torch-Pruning's ``DependencyGraph`` finds every layer coupled to
+a channel (the BN after a conv, the next conv's input, both sides of a residual add, a
+depthwise conv's groups) and removes that channel from all of them, so the pruned
+model really has smaller tensors, fewer MACs and a smaller file.
+
+:func:`prune_model` prunes a model in place, in ``cfg.iterative_steps`` steps that
+each reach a linearly growing fraction of ``cfg.ratio``; after each step an optional
+``recover(model, step_index)`` fine-tunes it (the pipeline distils from the teacher).
+It measures params, MACs, serialized size, CPU latency and (optionally) accuracy
+before pruning, after the last pruning step and after the last recovery.
+
+:func:`prune_and_recover` wires that to kdpipe's data, training loop and bundles.
+
+Bad input fails before the model is touched: an ignored layer path that does not exist
+(nearby paths listed), a ratio that would empty a layer, Taylor importance without a
+loss. A model Torch-Pruning cannot follow fails with :class:`PruningError` naming the
+layer, rather than a traceback from deep inside the library.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch_pruning as tp
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from kdpipe.config import ConfigError, PruneConfig
+from kdpipe.registry import Registry
+
+if TYPE_CHECKING:
+    from kdpipe.bundle import Bundle
+    from kdpipe.config import DistillConfig
+    from kdpipe.data import DatasetSpec
+
+__all__ = [
+    "IMPORTANCES",
+    "ModelStats",
+    "PruneReport",
+    "PruneStep",
+    "PruningError",
+    "measure_model",
+    "prune_and_recover",
+    "prune_model",
+]
+
+log = logging.getLogger(__name__)
+
+RecoverFn = Callable[[nn.Module, int], Any]
+"""``recover(model, step_index)``: fine-tune the model in place after pruning step i."""
+
+
+class PruningError(RuntimeError):
+    """Torch-Pruning cannot prune this model (or layer); the message names the layer."""
+
+
+# ------------------------------------------------------------------ importances
+IMPORTANCES: Registry[Callable[[], tp.importance.Importance]] = Registry("pruning importance")
+IMPORTANCES.register("l2", lambda: tp.importance.GroupMagnitudeImportance(p=2))
+IMPORTANCES.register("l1", lambda: tp.importance.GroupMagnitudeImportance(p=1))
+IMPORTANCES.register("taylor", lambda: tp.importance.GroupTaylorImportance())
+IMPORTANCES.register("bn_scale", lambda: tp.importance.BNScaleImportance())
+IMPORTANCES.register("random", lambda: tp.importance.RandomImportance())
+
+
+# ---------------------------------------------------------------------- reports
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelStats(_Frozen):
+    """Cost and quality of a model at one point of the pruning run."""
+
+    params: int
+    macs: int
+    """Multiply-accumulates for one sample (``kdpipe.metrics.count_macs``)."""
+    size_bytes: int
+    """The state dict serialised as safetensors."""
+    latency_ms: float
+    """p50 of a batch-1 forward pass in PyTorch eager on the CPU."""
+    accuracy: float | None = None
+    """From ``evaluate_fn`` (None when none was given)."""
+
+
+class PruneStep(_Frozen):
+    """One iterative pruning step."""
+
+    step: int
+    """1-based."""
+    target_ratio: float
+    """Fraction of each layer's (or, globally, all) channels removed after this step."""
+    params: int
+    macs: int
+    accuracy_after_pruning: float | None = None
+    accuracy_after_recovery: float | None = None
+
+
+class PruneReport(_Frozen):
+    """What pruning did: stats before / after pruning / after recovery, per step and layer."""
+
+    config: dict[str, Any]
+    before: ModelStats
+    after_pruning: ModelStats
+    """After the last pruning step, before the last recovery."""
+    after_recovery: ModelStats | None = None
+    """After the last recovery fine-tune; None when no ``recover`` was given."""
+    steps: list[PruneStep]
+    channels: dict[str, tuple[int, int]]
+    """Output channels (before, after) of every conv / linear layer that lost some."""
+
+    @property
+    def final(self) -> ModelStats:
+        """The stats of the model handed on."""
+        return self.after_recovery or self.after_pruning
+
+    @property
+    def macs_ratio(self) -> float:
+        """MACs before / MACs after (2.0 = half the compute)."""
+        return self.before.macs / max(self.final.macs, 1)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.before.params / max(self.final.params, 1)
+
+    @property
+    def latency_speedup(self) -> float:
+        """CPU eager latency before / after (batch 1)."""
+        return self.before.latency_ms / max(self.final.latency_ms, 1e-9)
+
+
+# -------------------------------------------------------------------- measuring
+def measure_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    evaluate_fn: Callable[[nn.Module], float] | None = None,
+    latency_repeats: int = 20,
+) -> ModelStats:
+    """Params, MACs, safetensors size, CPU batch-1 latency (p50) and optional accuracy.
+
+    Cost metrics are taken on an eval-mode CPU copy, so the model's device, mode and
+    BatchNorm statistics are untouched.
+    """
+    from kdpipe.metrics import count_macs, count_params, latency_stats, serialized_size_bytes
+
+    cpu = copy.deepcopy(model).cpu().eval()
+    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        latency = latency_stats(lambda: cpu(x), repeats=latency_repeats, warmup=3)["p50_ms"]
+    accuracy = None
+    if evaluate_fn is not None:
+        was_training = model.training
+        accuracy = float(evaluate_fn(model))
+        model.train(was_training)
+    return ModelStats(
+        params=count_params(cpu),
+        macs=count_macs(cpu, tuple(input_shape)),
+        size_bytes=serialized_size_bytes(cpu),
+        latency_ms=latency,
+        accuracy=accuracy,
+    )
+
+
+# ---------------------------------------------------------------------- checks
+def _resolve_ignored(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
+    """The classifier plus the modules at ``paths``; an unknown path lists nearby ones."""
+    from kdpipe.models import classifier_module, nearest_module_paths
+
+    modules = dict(model.named_modules())
+    ignored = [classifier_module(model)]
+    for path in paths:
+        if path not in modules or path == "":
+            near = nearest_module_paths(model, path)
+            raise ConfigError(
+                f"prune.ignored_layers: no module {path!r} in {type(model).__name__}; "
+                f"nearby module paths: {', '.join(near) or '(none)'}"
+            )
+        ignored.append(modules[path])
+    return ignored
+
+
+def _kept_channels(n: int, ratio: float, round_to: int | None) -> int:
+    """Channels Torch-Pruning keeps of ``n`` at ``ratio`` (its own rounding, local mode)."""
+    kept = int(n * (1 - ratio))
+    if round_to:
+        kept -= kept % round_to
+    return kept
+
+
+def _check_no_layer_emptied(
+    pruner: tp.pruner.BasePruner, names: dict[nn.Module, str], cfg: PruneConfig
+) -> None:
+    """Fail before pruning if a layer would keep no channel.
+
+    Torch-Pruning silently *skips* such a layer (it refuses to empty it), so the model
+    would come out less pruned than asked without a word.
+    """
+    ratio = cfg.max_layer_ratio if cfg.global_pruning else cfg.ratio
+    problems = []
+    for group in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
+        root = group[0][0].target.module
+        n = pruner.DG.get_out_channels(root) // pruner.out_channel_groups.get(root, 1)
+        if _kept_channels(n, ratio, cfg.round_to) < 1:
+            problems.append(f"{names.get(root, '?')} ({n} channels)")
+    if problems:
+        what = "max_layer_ratio" if cfg.global_pruning else "ratio"
+        raise ConfigError(
+            f"prune.{what}={ratio}"
+            + (f" with round_to={cfg.round_to}" if cfg.round_to else "")
+            + f" would remove every channel of: {', '.join(problems[:8])}"
+            + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
+            + f"; lower prune.{what}, lower prune.round_to, or add those layers to "
+            "prune.ignored_layers"
+        )
+
+
+def _check_forward(model: nn.Module, example: torch.Tensor, step: int) -> None:
+    """Run the pruned model once; a failure names the module it happened in.
+
+    Torch-Pruning edits every layer it can trace. A module that holds channel-sized
+    state it cannot see (a plain tensor attribute, a hard-coded reshape) breaks the
+    forward pass afterwards; the pre-hooks below find which module that is.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    entered: list[nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _: entered.append(mod)) for m in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as err:  # any failure here is a pruning failure; re-raised with the layer
+        leaf = next((m for m in reversed(entered) if not list(m.children())), None)
+        culprit = leaf if leaf is not None else (entered[-1] if entered else model)
+        raise PruningError(
+            f"after pruning step {step} the model fails in layer "
+            f"{names.get(culprit) or '<root>'!r} ({type(culprit).__name__}): {err}. "
+            "Torch-Pruning could not follow a channel dependency through it; add this layer "
+            "(or its parent block) to prune.ignored_layers"
+        ) from err
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+# ---------------------------------------------------------------------- pruning
+def _build_pruner(
+    model: nn.Module, example: torch.Tensor, cfg: PruneConfig, ignored: list[nn.Module]
+) -> tp.pruner.BasePruner:
+    try:
+        return tp.pruner.BasePruner(
+            model,
+            example,
+            importance=IMPORTANCES.get(cfg.importance)(),
+            global_pruning=cfg.global_pruning,
+            pruning_ratio=cfg.ratio,
+            max_pruning_ratio=cfg.max_layer_ratio,
+            iterative_steps=cfg.iterative_steps,
+            round_to=cfg.round_to,
+            ignored_layers=ignored,
+        )
+    except Exception as err:  # tracing failures come from arbitrary model code
+        raise PruningError(
+            f"Torch-Pruning could not trace {type(model).__name__} to build its dependency "
+            f"graph: {type(err).__name__}: {err}. The forward pass must be traceable with "
+            "autograd on the example input; add the offending block to prune.ignored_layers"
+        ) from err
+
+
+def _capped_indices(
+    pruner: tp.pruner.BasePruner, group: Any, initial: dict[nn.Module, int], cfg: PruneConfig
+) -> list[int]:
+    """The group's pruning indices, trimmed so the root keeps its max_layer_ratio share.
+
+    Torch-Pruning applies ``max_pruning_ratio`` only between steps: one global step can
+    take a layer below it. The least important channels are pruned first.
+    """
+    dep, idxs = group[0]
+    root = dep.target.module
+    n_now = pruner.DG.get_out_channels(root)
+    floor = max(1, math.ceil(initial[root] * (1 - cfg.max_layer_ratio)))
+    allowed = max(0, n_now - floor)
+    if cfg.round_to:  # keep a multiple of round_to: prune fewer, never more
+        keep = n_now - allowed
+        keep += (-keep) % cfg.round_to
+        allowed = max(0, n_now - keep)
+    idxs = list(idxs)
+    if len(idxs) <= allowed:
+        return idxs
+    imp = pruner.estimate_importance(group)
+    order = torch.argsort(imp).tolist() if imp is not None else range(len(idxs))
+    return sorted(idxs[i] for i in list(order)[:allowed])
+
+
+def _prune_step(
+    pruner: tp.pruner.BasePruner,
+    names: dict[nn.Module, str],
+    initial: dict[nn.Module, int],
+    cfg: PruneConfig,
+) -> None:
+    for group in pruner.step(interactive=True):
+        dep, idxs = group[0]
+        root = dep.target.module
+        layer = names.get(root, type(root).__name__)
+        try:
+            if cfg.global_pruning:
+                capped = _capped_indices(pruner, group, initial, cfg)
+                if capped:
+                    group.prune(idxs=capped)
+            else:
+                group.prune()
+        except Exception as err:  # Torch-Pruning's own errors, re-raised with the layer
+            raise PruningError(
+                f"Torch-Pruning failed to prune layer {layer!r} ({type(root).__name__}, "
+                f"{len(idxs)} channels): {type(err).__name__}: {err}; add it to "
+                "prune.ignored_layers"
+            ) from err
+
+
+def _taylor_gradients(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model)
+    loss.backward()
+
+
+def _out_channels(model: nn.Module) -> dict[str, int]:
+    return {
+        n: (m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    }
+
+
+def prune_model(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    cfg: PruneConfig,
+    *,
+    recover: RecoverFn | None = None,
+    taylor_loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+    evaluate_fn: Callable[[nn.Module], float] | None = None,
+    latency_repeats: int = 20,
+) -> PruneReport:
+    """Structurally prune ``model`` in place and report what it cost and saved.
+
+    Args:
+        model: a classifier; its last ``nn.Linear`` (the classifier) is never pruned.
+        example_input: one input batch (e.g. ``(1, C, H, W)``) used to trace the graph.
+        cfg: importance, ratio, global/local, iterative steps, round_to, ignored layers.
+        recover: ``recover(model, step_index)`` after every pruning step (0-based index),
+            e.g. a short KD fine-tune; it trains ``model`` in place.
+        taylor_loss_fn: ``loss_fn(model) -> scalar`` on a few training batches; required
+            for ``importance: taylor`` (its gradients rank the channels).
+        evaluate_fn: ``evaluate_fn(model) -> accuracy`` for the report.
+        latency_repeats: timed batch-1 forward passes per latency measurement.
+
+    Returns:
+        A :class:`PruneReport`.
+
+    Raises:
+        ConfigError: unknown ignored layer path (nearby paths listed), a ratio that
+            would empty a layer, Taylor importance without ``taylor_loss_fn``.
+        PruningError: Torch-Pruning cannot trace or prune the model (the layer is named).
+    """
+    if cfg.importance == "taylor" and taylor_loss_fn is None:
+        raise ConfigError(
+            "prune.importance=taylor ranks channels by gradients and needs a loss: pass "
+            "taylor_loss_fn, or choose importance l2 / l1 / bn_scale"
+        )
+    input_shape = tuple(example_input.shape[1:])
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    names = {m: n for n, m in model.named_modules()}
+    ignored = _resolve_ignored(model, cfg.ignored_layers)
+    before = measure_model(model, input_shape, evaluate_fn=evaluate_fn, latency_repeats=latency_repeats)
+    channels_before = _out_channels(model)
+
+    # Eval mode while tracing and pruning: a train-mode forward would update BN statistics.
+    model.eval()
+    pruner = _build_pruner(model, example_input.to(device), cfg, ignored)
+    _check_no_layer_emptied(pruner, names, cfg)
+    initial = dict(pruner.layer_init_out_ch)
+    steps: list[PruneStep] = []
+    after_pruning: ModelStats | None = None
+    for i in range(cfg.iterative_steps):
+        model.eval()
+        if taylor_loss_fn is not None and cfg.importance == "taylor":
+            _taylor_gradients(model, taylor_loss_fn)
+        # RandomImportance draws from torch's global RNG: seed it so runs repeat.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.recovery.seed + i)
+            _prune_step(pruner, names, initial, cfg)
+        model.zero_grad(set_to_none=True)
+        example = example_input.to(next(model.parameters()).device)
+        _check_forward(model, example, i + 1)
+        after_pruning = measure_model(
+            model, input_shape, evaluate_fn=evaluate_fn, latency_repeats=latency_repeats
+        )
+        recovered_acc = None
+        if recover is not None:
+            recover(model, i)
+            recovered_acc = float(evaluate_fn(model)) if evaluate_fn is not None else None
+        steps.append(
+            PruneStep(
+                step=i + 1,
+                target_ratio=float(pruner.per_step_pruning_ratio[i + 1]),
+                params=after_pruning.params,
+                macs=after_pruning.macs,
+                accuracy_after_pruning=after_pruning.accuracy,
+                accuracy_after_recovery=recovered_acc,
+            )
+        )
+        log.info("pruning step %d/%d: %d params, %d MACs", i + 1, cfg.iterative_steps,
+                 after_pruning.params, after_pruning.macs)
+    assert after_pruning is not None  # iterative_steps >= 1 (PruneConfig)
+    after_recovery = None
+    if recover is not None:
+        after_recovery = measure_model(
+            model, input_shape, evaluate_fn=evaluate_fn, latency_repeats=latency_repeats
+        )
+    model.train(was_training)
+    channels_after = _out_channels(model)
+    return PruneReport(
+        config=cfg.model_dump(mode="json"),
+        before=before,
+        after_pruning=after_pruning,
+        after_recovery=after_recovery,
+        steps=steps,
+        channels={
+            n: (c, channels_after[n]) for n, c in channels_before.items() if channels_after[n] != c
+        },
+    )
+
+
+# -------------------------------------------------------------- pipeline wiring
+def prune_and_recover(
+    student: Bundle,
+    teacher: Bundle,
+    dataset_spec: DatasetSpec,
+    prune_cfg: PruneConfig,
+    distill_cfg: DistillConfig,
+) -> tuple[Bundle, PruneReport]:
+    """Prune a copy of the student and distil it back from the teacher after each step.
+
+    Recovery uses kdpipe's one training loop (:func:`kdpipe.train.fit`) with a
+    :class:`~kdpipe.train.DistillationTask` and ``prune_cfg.recovery``; accuracies in
+    the report are on the validation split (the test split stays untouched for the
+    evaluation step). The input bundles are not modified.
+
+    Returns:
+        The pruned student as a new bundle (its ``spec.extra["prune_report"]`` holds the
+        report) and the report.
+    """
+    from kdpipe.bundle import Bundle
+    from kdpipe.data import make_loader
+    from kdpipe.train import DistillationTask, evaluate, fit
+
+    model = copy.deepcopy(student.model).cpu()
+    train_loader = make_loader(dataset_spec, "train", train=True, seed=prune_cfg.recovery.seed)
+    val_loader = make_loader(dataset_spec, "val", train=False)
+
+    def evaluate_fn(m: nn.Module) -> float:
+        return evaluate(m, val_loader).accuracy
+
+    def recover(m: nn.Module, step: int) -> None:
+        # A fresh task per step: a feature-loss regressor must match the new channel counts.
+        task = DistillationTask(teacher.model, distill_cfg)
+        fit(m, task, train_loader, val_loader, prune_cfg.recovery,
+            desc=f"recover {step + 1}/{prune_cfg.iterative_steps}")
+
+    def taylor_loss(m: nn.Module) -> torch.Tensor:
+        x, y, _ = next(iter(make_loader(dataset_spec, "train", train=True, seed=0)))
+        device = next(m.parameters()).device
+        return nn.functional.cross_entropy(m(x.to(device)), y.to(device))
+
+    example = torch.zeros(1, *dataset_spec.input_shape)
+    report = prune_model(
+        model, example, prune_cfg, recover=recover, taylor_loss_fn=taylor_loss,
+        evaluate_fn=evaluate_fn,
+    )
+    pruned = Bundle.from_model(
+        model.cpu().eval(),
+        arch=student.spec.arch,
+        kwargs=student.spec.kwargs,
+        classes=student.spec.classes,
+        input_shape=student.spec.input_shape,
+        mean=student.spec.mean,
+        std=student.spec.std,
+        extra={**student.spec.extra, "prune_report": report.model_dump(mode="json")},
+    )
+    return pruned, report

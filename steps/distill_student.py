@@ -1,0 +1,42 @@
+"""distill_student: distil the teacher into the student; cached on data + teacher + config."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from zenml import step
+from zenml.logger import get_logger
+
+from kdpipe import plots, recipes, tracking
+from kdpipe.bundle import Bundle
+from kdpipe.config import DistillConfig, StudentConfig, TrackingConfig
+from kdpipe.data import DatasetSpec
+from steps.materializers import BundleMaterializer
+from steps.tracking_context import mlflow_run
+
+logger = get_logger(__name__)
+
+
+@step(output_materializers=BundleMaterializer)
+def distill_student(
+    dataset: DatasetSpec,
+    teacher: Bundle,
+    student_cfg: StudentConfig,
+    distill_cfg: DistillConfig,
+    tracking_cfg: TrackingConfig,
+) -> Annotated[Bundle, "student"]:
+    """Train the student on the teacher's soft targets (:func:`kdpipe.recipes.distill_student`).
+
+    Per-epoch loss parts go to MLflow as ``student/train_ce``, ``student/train_kd``...
+    """
+    with mlflow_run(tracking_cfg):
+        bundle = recipes.distill_student(dataset, teacher, student_cfg, distill_cfg,
+                                         callbacks=[tracking.epoch_logger("student")])
+        tracking.log_metrics(recipes.bundle_metrics(bundle), "student")
+        tracking.log_figure(plots.training_curves({"teacher": teacher.spec.extra.get("history", []),
+                                                   "student": bundle.spec.extra["history"]}),
+                            "plots/student_curves.png")
+    logger.info("student %s: test accuracy %.4f (teacher %.4f)", student_cfg.model.arch,
+                bundle.spec.extra["metrics"]["test_accuracy"],
+                recipes.bundle_metrics(teacher).get("test_accuracy", float("nan")))
+    return bundle

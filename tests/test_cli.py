@@ -1,0 +1,100 @@
+"""run_pipeline.py: configuration errors exit with 2 and name the key, before any step runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # The environment (isolated ZenML store and MLflow DB from conftest) is inherited.
+    return subprocess.run([sys.executable, "run_pipeline.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_config(tmp_path: Path, mutate) -> Path:  # noqa: ANN001 - a small test helper
+    data = yaml.safe_load(SMOKE.read_text())
+    mutate(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_bad_value_exits_2_naming_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, lambda d: d["parameters"]["student"]["train"].update(lr=-1))
+    result = run_cli("--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "parameters.student.train.lr" in result.stderr
+    assert "greater than 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_key_exits_2_naming_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, lambda d: d["parameters"]["distill"].update(temprature=2.0))
+    result = run_cli("--config", str(path))
+    assert result.returncode == 2
+    assert "parameters.distill.temprature: unknown key" in result.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "config file not found" in result.stderr and "nope.yaml" in result.stderr
+
+
+def test_top_level_enable_cache_is_refused(tmp_path: Path) -> None:
+    path = write_config(tmp_path, lambda d: d.update(enable_cache=False))
+    result = run_cli("--config", str(path))
+    assert result.returncode == 2
+    assert "steps.<name>.enable_cache" in result.stderr
+
+
+def test_unknown_top_level_key_is_refused(tmp_path: Path) -> None:
+    path = write_config(tmp_path, lambda d: d.update(paramters={}))
+    result = run_cli("--config", str(path))
+    assert result.returncode == 2
+    assert "unknown top-level key(s) paramters" in result.stderr
+
+
+def test_unknown_pipeline_is_an_argument_error() -> None:
+    result = run_cli("--pipeline", "train")
+    assert result.returncode == 2
+    assert "invalid choice: 'train'" in result.stderr
+
+
+@pytest.mark.slow
+def test_schedule_on_the_local_orchestrator_exits_2() -> None:
+    result = run_cli("--config", str(SMOKE), "--schedule", "0 2 * * *")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "schedul" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_malformed_cron_exits_2() -> None:
+    result = run_cli("--config", str(SMOKE), "--schedule", "61 2 * * *")
+    assert result.returncode == 2
+    assert "minute" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_failing_step_is_named_without_a_traceback_wall(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    path = write_config(tmp_path, lambda d: d["parameters"]["data"].update(
+        source=f"imagefolder:{missing}", image_size=8))
+    result = run_cli("--config", str(path), "--run-name", "kd-cli-failing-step")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "ERROR: step 'ingest_data' failed:" in result.stderr
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    debug = run_cli("--config", str(path), "--run-name", "kd-cli-failing-step-debug", "--debug")
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr and "build_dataset_spec" in debug.stderr

@@ -1,0 +1,252 @@
+"""The distillation pipeline end to end on the real ZenML local orchestrator.
+
+Runs share one isolated ZenML store and MLflow database (tests/conftest.py) and are made
+once per module, in this order:
+
+1. ``first``: configs/smoke.yaml through ``run_pipeline.py`` (the real CLI);
+2. ``gate_changed``: only the gate thresholds differ (min_accuracy 0.99 → rejected);
+3. ``unchanged``: the same configuration as (2) again;
+4. ``data_changed``: another ``data.split_seed`` (new split, new fingerprint).
+
+The caching contract is read from ZenML's own run records (step status).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kdpipe import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+TRAINING_STEPS = ("finetune_teacher", "distill_student", "prune_student", "export_onnx")
+ALWAYS_RUN = {"ingest_data", "gate_student", "promote_student"}
+
+
+# ------------------------------------------------------------- fast unit tests
+def test_redact_uri_hides_credentials() -> None:
+    assert tracking.redact_uri("https://alice:s3cret@mlflow.example.com/x") == \
+        "https://***@mlflow.example.com/x"
+    assert tracking.redact_uri("postgresql://u:p@db:5432/mlflow") == "postgresql://***@db:5432/mlflow"
+    assert tracking.redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert tracking.resolve_tracking_uri("http://cfg:5000", stack_uri="http://stack") == "http://cfg:5000"
+    assert tracking.resolve_tracking_uri(None, stack_uri="http://stack") == "http://env:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.resolve_tracking_uri(None, stack_uri="http://stack") == "http://stack"
+    assert tracking.resolve_tracking_uri(None) == "sqlite:///mlflow.db"
+
+
+def test_artifacts_live_beside_a_sqlite_database(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.default_artifact_location(uri) == (tmp_path / "mlartifacts").as_uri()
+    assert tracking.default_artifact_location("http://mlflow:5000") is None
+
+
+def test_flatten_params_uses_dotted_keys() -> None:
+    from kdpipe.config import PipelineConfig
+
+    params = tracking.flatten_params(PipelineConfig())
+    assert params["student.train.lr"] == "0.001"
+    assert params["teacher.model.arch"] == "cnn_large"
+    assert params["prune.recovery.epochs"] == "2"
+    assert all(isinstance(v, str) for v in params.values())
+
+
+def test_metric_logging_outside_a_run_says_how_to_fix() -> None:
+    with pytest.raises(tracking.TrackingError, match="inside `with pipeline_run"):
+        tracking.log_metrics({"a": 1.0}, "teacher")
+
+
+# ------------------------------------------------------------------- pipeline runs
+def _write_config(tmp: Path, name: str, **changes: dict[str, Any]) -> Path:
+    data = yaml.safe_load(SMOKE.read_text())
+    for section, values in changes.items():
+        data["parameters"][section].update(values)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run_cli(config: Path, run_name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "run_pipeline.py", "--config", str(config), "--run-name", run_name],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def _run(config: Path, run_name: str, outputs: dict[str, str]) -> Any:
+    result = _run_cli(config, run_name)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outputs[run_name] = result.stdout
+    from zenml.client import Client
+
+    return Client().get_pipeline_run(run_name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("configs")
+    stdout: dict[str, str] = {}
+    out: dict[str, Any] = {"stdout": stdout, "first": _run(SMOKE, "kd-first", stdout)}
+    strict_gate = _write_config(tmp, "strict_gate", gate={"min_accuracy": 0.99})
+    out["gate_changed"] = _run(strict_gate, "kd-gate-changed", stdout)
+    out["unchanged"] = _run(strict_gate, "kd-unchanged", stdout)
+    new_split = _write_config(tmp, "new_split", data={"split_seed": 1}, gate={"min_accuracy": 0.99})
+    out["data_changed"] = _run(new_split, "kd-data-changed", stdout)
+    return out
+
+
+def _statuses(run: Any) -> dict[str, str]:
+    return {name: str(getattr(step.status, "value", step.status)) for name, step in run.steps.items()}
+
+
+def _output(run: Any, step: str, name: str) -> Any:
+    return run.steps[step].outputs[name][0]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_first_run_completes_every_step(runs: dict[str, Any]) -> None:
+    statuses = _statuses(runs["first"])
+    assert set(statuses) == ALWAYS_RUN | set(TRAINING_STEPS) | {"evaluate_models"}
+    assert set(statuses.values()) == {"completed"}, statuses
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_artifacts_have_kdpipe_types_and_metadata(runs: dict[str, Any]) -> None:
+    from kdpipe.bundle import Bundle
+    from kdpipe.data import DatasetSpec
+    from kdpipe.evaluation import EvaluationReport
+    from kdpipe.export import ExportResult
+    from kdpipe.gate import GateDecision
+
+    run = runs["first"]
+    dataset = _output(run, "ingest_data", "dataset")
+    spec = dataset.load()
+    assert isinstance(spec, DatasetSpec)
+    assert dataset.run_metadata["fingerprint"] == spec.fingerprint
+    assert dataset.content_hash and len(dataset.content_hash) == 64
+    for step, name in (("finetune_teacher", "teacher"), ("distill_student", "student"),
+                       ("prune_student", "pruned_student")):
+        artifact = _output(run, step, name)
+        bundle = artifact.load()
+        assert isinstance(bundle, Bundle)
+        assert "zenml.integrations.pytorch" not in str(artifact.materializer)
+        meta = artifact.run_metadata
+        assert meta["role"] == name
+        assert 0.0 <= meta["test_accuracy"] <= 1.0
+        assert meta["params"] > 0 and meta["macs"] > 0 and meta["size_bytes"] > 0
+        # training curves + confusion matrix
+        assert sorted(Path(v.uri).name for v in artifact.visualizations) == \
+            ["confusion_matrix.png", "training_curves.png"]
+    teacher_meta = _output(run, "finetune_teacher", "teacher").run_metadata
+    pruned_meta = _output(run, "prune_student", "pruned_student").run_metadata
+    assert pruned_meta["pruned"] is True and teacher_meta["pruned"] is False
+    assert teacher_meta["params"] / pruned_meta["params"] > 2.0
+
+    onnx_artifact = _output(run, "export_onnx", "student_onnx")
+    onnx = onnx_artifact.load()
+    assert isinstance(onnx, ExportResult)
+    assert Path(onnx.path).name == "kdpipe-smoke-student.onnx" and Path(onnx.path).is_file()
+    assert (Path(onnx_artifact.uri) / "kdpipe-smoke-student.onnx").is_file()
+    assert onnx_artifact.run_metadata["parity_passed"] is True
+
+    evaluation = _output(run, "evaluate_models", "evaluation").load()
+    assert isinstance(evaluation, EvaluationReport)
+    assert set(evaluation.models) >= {"teacher", "student", "pruned_student", "onnx"}
+    assert isinstance(_output(run, "gate_student", "gate_decision").load(), GateDecision)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_model_version_links_the_artifacts(runs: dict[str, Any]) -> None:
+    from zenml.client import Client
+
+    run = runs["first"]
+    assert run.model_version is not None
+    version = Client().get_model_version("kdpipe-smoke-student", run.model_version.id)
+    for name in ("dataset", "teacher", "student", "pruned_student", "student_onnx", "evaluation"):
+        assert version.get_artifact(name) is not None, name
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_mlflow_run_holds_params_curves_and_the_onnx_model(runs: dict[str, Any]) -> None:
+    import mlflow
+
+    run = runs["first"]
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("kdpipe-smoke")
+    run_id = tracking.find_run(experiment.experiment_id, str(run.id))
+    assert run_id is not None
+    data = client.get_run(run_id).data
+    assert data.params["student.model.arch"] == "cnn_tiny"
+    assert data.tags["data.fingerprint"] == _output(run, "ingest_data", "dataset").load().fingerprint
+    epochs = {"teacher/train_loss": 2, "student/train_kd": 2, "student/train_ce": 2,
+              "recovery/train_kd": 1}
+    for key, n in epochs.items():
+        history = client.get_metric_history(run_id, key)
+        assert [m.step for m in history] == list(range(1, n + 1)), key
+    for key in ("teacher/test_accuracy", "pruned_student/test_accuracy", "prune/params_ratio",
+                "export/parity_max_abs_error", "eval/onnx_accuracy"):
+        assert key in data.metrics, key
+    assert experiment.artifact_location == tracking.default_artifact_location(
+        tracking.resolve_tracking_uri())
+    artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/teacher_curves.png", "plots/student_curves.png"} <= artifacts
+    models = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'",
+                                         output_format="list")
+    onnx_models = [m for m in models if m.name == "student_onnx"]
+    assert onnx_models, [m.name for m in models]
+    info = mlflow.models.get_model_info(onnx_models[0].model_uri)
+    assert "onnx" in info.flavors
+    assert info.signature is not None and info.saved_input_example_info is not None
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cli_prints_the_summary(runs: dict[str, Any]) -> None:
+    out = runs["stdout"]["kd-first"]
+    for text in ("teacher", "pruned_student", "student (ONNX)", "MACs", "Gate:", "Model version:",
+                 "mlflow ui --backend-store-uri", "zenml login --local"):
+        assert text in out, text
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_gate_change_retrains_nothing(runs: dict[str, Any]) -> None:
+    statuses = _statuses(runs["gate_changed"])
+    assert {s: statuses[s] for s in TRAINING_STEPS} == dict.fromkeys(TRAINING_STEPS, "cached")
+    assert {s: statuses[s] for s in ALWAYS_RUN} == dict.fromkeys(ALWAYS_RUN, "completed")
+    promotion = _output(runs["gate_changed"], "promote_student", "promotion").load()
+    assert promotion.promoted is False
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_unchanged_rerun_executes_only_ingest_gate_and_promotion(runs: dict[str, Any]) -> None:
+    statuses = _statuses(runs["unchanged"])
+    executed = {name for name, status in statuses.items() if status == "completed"}
+    assert executed == ALWAYS_RUN, statuses
+    assert set(statuses.values()) == {"completed", "cached"}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_data_change_retrains_everything_downstream(runs: dict[str, Any]) -> None:
+    statuses = _statuses(runs["data_changed"])
+    assert set(statuses.values()) == {"completed"}, statuses
+    before = _output(runs["unchanged"], "ingest_data", "dataset").load().fingerprint
+    after = _output(runs["data_changed"], "ingest_data", "dataset").load().fingerprint
+    assert before != after

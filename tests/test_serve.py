@@ -1,0 +1,145 @@
+"""MLflow's own model server serves the champion: its answer equals ONNX Runtime's.
+
+    mlflow models serve -m "models:/<name>@champion" --env-manager local -p <port>
+
+runs as a subprocess on a free loopback port against the test session's SQLite tracking
+database (MLFLOW_TRACKING_URI from conftest); it is always killed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kdpipe.bundle import Bundle
+from kdpipe.config import ExportConfig
+from kdpipe.export import export_onnx
+from kdpipe.models import create_model
+from kdpipe.promotion import register_onnx_model, set_champion
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+NAME = "kdpipe-test-serve"
+SHAPE = (1, 8, 8)
+STARTUP_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def champion(session_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ONNX student registered and aliased ``champion``; returns its file."""
+    client = MlflowClient()
+    if client.get_experiment_by_name(NAME) is None:  # artifacts in the session folder
+        client.create_experiment(NAME, artifact_location=str(session_dir / "mlartifacts-serve"))
+    torch.manual_seed(0)
+    model = create_model("cnn_tiny", 10, 1).eval()
+    bundle = Bundle.from_model(model, arch="cnn_tiny", classes=[str(i) for i in range(10)],
+                               input_shape=SHAPE, mean=(0.3,), std=(0.2,))
+    onnx = export_onnx(bundle, tmp_path_factory.mktemp("serve") / "student.onnx",
+                       ExportConfig(exporter="torchscript"))
+    version = register_onnx_model(onnx.path, NAME, input_shape=SHAPE,
+                                  metadata={"classes": bundle.spec.classes,
+                                            "input_shape": list(SHAPE)},
+                                  experiment=NAME)
+    set_champion(NAME, version.version)
+    return Path(onnx.path)
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1.0)
+    pytest.fail(f"mlflow models serve not up after {STARTUP_TIMEOUT_S:.0f} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(champion: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    bin_dir = Path(sys.executable).parent
+    # The server execs `uvicorn` by name: the venv's bin must be on PATH (make test does not
+    # activate the venv).
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    mlflow_cli = bin_dir / "mlflow"
+    cmd = [str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}@champion",
+           "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    with log.open("w") as out:
+        # Own process group: the server's workers die with it.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_until_up(proc, url, log)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # already gone
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_served_champion_matches_onnx_runtime(server: str, champion: Path) -> None:
+    import onnxruntime as ort
+
+    pixels = np.random.default_rng(42).random((5, *SHAPE), dtype=np.float32)
+    answer = _post(server, {"inputs": pixels.tolist()})
+    session = ort.InferenceSession(str(champion), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: pixels})[0]
+    # The ONNX flavor answers {"predictions": {<output name>: [[...], ...]}}.
+    served = np.asarray(answer["predictions"]["logits"], dtype=np.float32)
+    assert served.shape == (5, 10)
+    np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
+
+
+def test_served_champion_rejects_a_wrong_shape(server: str) -> None:
+    bad = np.zeros((2, 3, 8, 8), np.float32).tolist()
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _post(server, {"inputs": bad})
+    assert err.value.code in (400, 422, 500)
+    body = err.value.read().decode()
+    assert "shape" in body.lower()
