@@ -185,7 +185,7 @@ def print_summary(run: Any) -> None:
         print(f"ONNX Runtime vs PyTorch parity: max |diff| = {evaluation.parity_max_abs_diff:.3g}")
     decision = _load_output(run, "gate_student", "gate_decision")
     if decision is not None:
-        print(f"\nGate: {decision.summary()}")
+        print(f"\n{decision.summary()}")
     promotion = _load_output(run, "promote_student", "promotion")
     if promotion is not None:
         print(f"Promotion: {promotion.summary()}")
