@@ -218,7 +218,7 @@ def test_mlflow_run_holds_params_curves_and_the_onnx_model(runs: dict[str, Any])
 @pytest.mark.integration
 def test_cli_prints_the_summary(runs: dict[str, Any]) -> None:
     out = runs["stdout"]["kd-first"]
-    for text in ("teacher", "pruned_student", "student (ONNX)", "MACs", "Gate:", "Model version:",
+    for text in ("teacher", "pruned_student", "student (ONNX)", "MACs", "gate: ", "Model version:",
                  "mlflow ui --backend-store-uri", "zenml login --local"):
         assert text in out, text
 
