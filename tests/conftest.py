@@ -6,11 +6,16 @@ client, so it is done at conftest import time, not in a fixture.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="kdpipe-tests-"))
+# Remove the store, database and artifacts when the interpreter exits (KDPIPE_KEEP_TEST_DIR=1 keeps them).
+if not os.environ.get("KDPIPE_KEEP_TEST_DIR"):
+    atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 os.environ["KDPIPE_TEST_DIR"] = str(_SESSION_DIR)
 os.environ["ZENML_CONFIG_PATH"] = str(_SESSION_DIR / "zenml-config")
 os.environ["ZENML_LOCAL_STORES_PATH"] = str(_SESSION_DIR / "zenml-stores")
