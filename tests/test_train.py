@@ -441,3 +441,16 @@ def test_seed_everything_repeats_all_generators() -> None:
         seed_everything(5)
         draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
     assert draws[0] == draws[1]
+
+
+def test_multi_process_training_is_refused_until_ddp_exists() -> None:
+    from kdpipe.config import TrainConfig
+    from kdpipe.train import ClassificationTask, fit
+
+    x = torch.randn(8, 1, 8, 8)
+    y = torch.arange(8) % 2
+    data = torch.utils.data.TensorDataset(x, y, torch.arange(8))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    with pytest.raises(NotImplementedError, match="num_processes=2.*set num_processes: 1"):
+        fit(model, ClassificationTask(), loader, loader, TrainConfig(epochs=1, num_processes=2))

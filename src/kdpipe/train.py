@@ -435,6 +435,12 @@ def fit(
         TrainingDivergedError: NaN/inf loss, or a loss above ``cfg.max_loss``.
         TrainingOOMError: CUDA ran out of memory (lower ``data.batch_size``).
     """
+    if cfg.num_processes > 1:
+        # Refuse rather than silently train on one process: DDP launching is not built yet.
+        raise NotImplementedError(
+            f"{desc}: train.num_processes={cfg.num_processes} asks for multi-process (DDP) "
+            "training, which kdpipe does not implement yet; set num_processes: 1"
+        )
     device = resolve_device(cfg.device)
     if len(train_loader) == 0:
         raise ValueError(f"{desc}: the train loader yields no batches; the train split is empty")
