@@ -332,7 +332,8 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
 
     Raises:
         BundleError: ``directory`` exists and holds files that are not a bundle (never
-            overwritten), or the model cannot be described / serialised.
+            overwritten), the model cannot be described / serialised, or the files cannot
+            be written (no permission, disk full; the previous bundle stays intact).
     """
     target = Path(directory)
     if target.exists() and not target.is_dir():
@@ -351,14 +352,22 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
         }
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         (staging / WEIGHTS_FILE).write_bytes(weights)
         (staging / SPEC_FILE).write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
         _replace_dir(staging, target)
+    except OSError as err:
+        # A full disk (ENOSPC / EFBIG) or a read-only directory: say where, and that the
+        # previous bundle (if any) is untouched, since only the staging dir was written.
+        raise BundleError(
+            f"cannot write the bundle to {target}: {err.strerror or err}; free disk space or "
+            f"make {target.parent} writable (a previous bundle there is left unchanged)"
+        ) from err
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
 

@@ -25,6 +25,84 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# ------------------------------------------------------------- write locations
+# The rules for every config value that becomes a place kdpipe writes to (the table is in
+# docs/reliability.md, "Path confinement"). A relative path must stay under the working
+# directory it is resolved against: ``..`` could otherwise climb into any directory the
+# process may write. An absolute path is the user's explicit, visible choice and is
+# accepted where the field says so. Names that end up inside paths or URIs may not
+# carry separators.
+_NAME_FORBIDDEN = ("/", "\\", ":", "@")
+
+
+def check_write_path(value: str, key: str, *, absolute_ok: bool) -> str:
+    """Validate a configured location that kdpipe writes to.
+
+    Args:
+        value: the path as written in the config.
+        key: the config key, named in the error.
+        absolute_ok: whether an absolute path is a legitimate choice for this key.
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ValueError: empty, a NUL / control character, ``~`` (never expanded here, so it
+            would create a directory literally named ``~``), a relative path with a
+            ``..`` component, or an absolute path where none is allowed.
+    """
+    if not value or not value.isprintable():
+        raise ValueError(f"{key} must be a non-empty path without control characters")
+    if value.startswith("~"):
+        raise ValueError(f"{key} may not start with '~' (it is not expanded); write the "
+                         "absolute path, or a path relative to the working directory")
+    path = Path(value)
+    if path.is_absolute():
+        if not absolute_ok:
+            raise ValueError(f"{key} must be a relative path (it lives under the run's "
+                             "directory); drop the leading '/'")
+        return value
+    if ".." in path.parts:
+        raise ValueError(f"{key} may not contain '..': a relative path must stay inside the "
+                         "working directory; use an absolute path to write elsewhere")
+    return value
+
+
+def check_name_component(value: str, key: str) -> str:
+    """Validate a name that becomes one component of a path or URI (no separators).
+
+    Raises:
+        ValueError: empty, surrounding spaces, control characters, ``..``, or one of
+            ``/ \\ : @``.
+    """
+    bad = [c for c in _NAME_FORBIDDEN if c in value]
+    if not value.strip() or value != value.strip() or not value.isprintable():
+        raise ValueError(f"{key} must be non-empty printable text without surrounding spaces")
+    if bad or value in {".", ".."} or ".." in value:
+        raise ValueError(f"{key} may not contain {', '.join(repr(c) for c in bad) or repr('..')}"
+                         f": it becomes part of paths and models:/ URIs; use letters, digits, "
+                         "'-', '_' and '.'")
+    return value
+
+
+def local_store_path(uri: str) -> str | None:
+    """The file-system path a ``sqlite:///`` or ``file:`` tracking URI writes to, else None.
+
+    ``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db``
+    absolute; ``file:/abs``, ``file:///abs`` and ``file:rel`` likewise. A bare path
+    (no scheme) is what MLflow treats as a file store.
+    """
+    if uri.startswith("sqlite:///"):
+        return uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://") or None
+    if uri.startswith("file:"):
+        return uri.removeprefix("file:") or None
+    if "://" not in uri and ":" not in uri.split("/", 1)[0]:
+        return uri
+    return None
+
+
 # --------------------------------------------------------------------------- data
 class DataConfig(_Frozen):
     """Where the images come from and how they are split.
@@ -112,7 +190,17 @@ class TrainConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0
     num_processes: int = Field(1, ge=1)
-    """>1 launches DDP workers through torch.distributed.run (see docs/scale-out.md)."""
+    """>1 launches this many DDP workers through ``torch.distributed.run`` (one per GPU with
+    nccl, or gloo processes on the CPU with ``device: cpu``); ``data.batch_size`` is then
+    the global batch, split evenly across them (see docs/cluster.md, "Distributed training")."""
+    sync_batchnorm: bool = False
+    """DDP only: convert BatchNorm layers to SyncBatchNorm (batch statistics over all
+    processes). Needs CUDA; ignored with one process."""
+    ddp_timeout_s: float = Field(600.0, gt=0.0)
+    """DDP only: process-group timeout; a collective waiting longer (e.g. on a dead worker)
+    fails instead of hanging."""
+    ddp_wall_clock_s: float = Field(86_400.0, gt=0.0)
+    """DDP only: the whole launched run (all epochs) is killed and fails after this long."""
     max_loss: float = Field(1e4, gt=0.0)
     """A loss above this (or NaN/inf) stops training with an error: it has diverged."""
 
@@ -224,10 +312,41 @@ class GateConfig(_Frozen):
 
 # ------------------------------------------------------------------------ tracking
 class TrackingConfig(_Frozen):
+    """MLflow experiment, registered model and tracking store (see docs/reliability.md)."""
+
     experiment: str = "kdpipe"
+    """MLflow experiment name (any printable text; MLflow keys its files by id, not name)."""
     registered_model: str = "kdpipe-student"
+    """MLflow registered model; becomes part of ``models:/<name>@champion`` URIs, so
+    ``/``, ``:``, ``@``, ``\\`` and ``..`` are refused."""
     tracking_uri: str | None = None
-    """None: MLFLOW_TRACKING_URI, else the stack's MLflow tracker, else sqlite:///mlflow.db."""
+    """None: MLFLOW_TRACKING_URI, else the stack's MLflow tracker, else sqlite:///mlflow.db.
+    A relative ``sqlite:///`` / ``file:`` path must stay inside the working directory."""
+
+    @field_validator("experiment")
+    @classmethod
+    def _printable_experiment(cls, v: str) -> str:
+        if not v.strip() or not v.isprintable():
+            raise ValueError("the experiment name must be non-empty printable text")
+        return v
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registry_name(cls, v: str) -> str:
+        return check_name_component(v, "registered_model")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _store_path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip() or not v.isprintable() or v != v.strip():
+            raise ValueError("tracking_uri must be a URI without spaces around it or control "
+                             "characters (or null for the default)")
+        path = local_store_path(v)
+        if path is not None:
+            check_write_path(path, "tracking_uri", absolute_ok=True)
+        return v
 
 
 class EvalConfig(_Frozen):
@@ -263,6 +382,8 @@ class PredictConfig(_Frozen):
         if self.output_path is not None and Path(self.output_path).suffix not in {".csv", ".json"}:
             raise ValueError(f"predict.output_path must end in .csv or .json "
                              f"(got {self.output_path!r})")
+        if self.output_path is not None:
+            check_write_path(self.output_path, "predict.output_path", absolute_ok=True)
         return self
 
 
@@ -284,7 +405,9 @@ class PipelineConfig(_Frozen):
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem: ``key.path: message (got value)``."""
+    """One line per problem: ``key.path: message (got value)``; credentials redacted."""
+    from kdpipe.tracking import redact_uri  # light: mlflow is only imported inside functions
+
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
@@ -293,6 +416,7 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = "unknown key (check spelling; see kdpipe.config for the allowed keys)"
         got = e.get("input")
         shown = "" if e["type"] in {"extra_forbidden", "missing"} or isinstance(got, dict) else f" (got {got!r})"
+        shown = redact_uri(shown)  # a rejected tracking_uri may carry a password
         lines.append(f"  {path or '<root>'}: {msg}{shown}")
     return "\n".join(lines)
 

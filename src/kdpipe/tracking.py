@@ -24,9 +24,11 @@ This module is core code: it imports mlflow, never zenml.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,12 @@ __all__ = [
     "DEFAULT_TRACKING_URI",
     "RUN_KEY_TAG",
     "TrackingError",
+    "check_sqlite_store",
     "default_artifact_location",
     "epoch_logger",
     "find_run",
     "flatten_params",
+    "has_credentials",
     "log_figure",
     "log_history",
     "log_metrics",
@@ -50,13 +54,25 @@ __all__ = [
     "redact_uri",
     "resolve_tracking_uri",
     "set_tags",
+    "store_error",
 ]
 
+logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_KEY_TAG = "kdpipe.run_key"
 """Tag that identifies the MLflow run of one pipeline run (the orchestrator's run id)."""
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<auth>[^/@\s]+)@")
+# ``scheme://user:password@host``: the user info runs up to the LAST "@" of the authority
+# (a password may hold an unencoded "@"), never past the first "/", "?" or "#".
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<auth>[^\s/?#]*)@")
+# Query parameters that carry secrets: tokens, keys, passwords, signatures (SAS, S3 presigned).
+_SECRET_PARAM = re.compile(
+    r"(?P<name>[?&;][^=&#\s]*(?:token|secret|passw|pwd|key|sig|credential|auth)[^=&#\s]*=)"
+    r"[^&#\s'\"()]*",  # the value ends where the URI does, also inside quoted text
+    re.IGNORECASE,
+)
+# MLflow's SQLite store waits this long for a lock (PRAGMA busy_timeout in mlflow.store.db.utils).
+_SQLITE_BUSY_TIMEOUT_S = 20
 
 
 class TrackingError(RuntimeError):
@@ -81,8 +97,69 @@ def resolve_tracking_uri(explicit: str | None = None, *, stack_uri: str | None =
 
 
 def redact_uri(uri: str) -> str:
-    """Hide credentials embedded in a URI: ``https://user:pw@host`` → ``https://***@host``."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", uri)
+    """Hide credentials embedded in a URI, or in any text that contains URIs.
+
+    ``https://user:pw@host`` → ``https://***@host``; secret-looking query parameters
+    (``?token=...``, ``access_token``, ``api_key``, ``password``, ``sig``, ...) keep their
+    name and lose their value: ``?token=***``. Use it on everything printed or logged
+    that may hold a tracking URI, error messages included.
+    """
+    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", uri)
+    return _SECRET_PARAM.sub(lambda m: f"{m['name']}***", text)
+
+
+def has_credentials(uri: str) -> bool:
+    """True when ``uri`` embeds a user/password or a secret query parameter."""
+    return redact_uri(uri) != uri
+
+
+def check_sqlite_store(uri: str) -> None:
+    """Fail fast when a ``sqlite:///`` tracking database cannot be written.
+
+    MLflow retries a database it cannot open ten times with exponential back-off
+    (about 100 s) before failing; a read-only directory or database file is found here
+    in milliseconds instead. SQLite also writes a journal beside the database, so the
+    directory itself must be writable. Other URIs are left to MLflow.
+
+    Raises:
+        TrackingError: naming the database, the cause and the fix.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).expanduser()
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # A real write, not os.access: root without CAP_DAC_OVERRIDE, ACLs and read-only
+        # mounts all defeat access()'s answer.
+        with tempfile.NamedTemporaryFile(dir=db.parent, prefix=".kdpipe-write-check-"):
+            pass
+        if db.exists():
+            with db.open("r+b"):
+                pass
+    except OSError as err:
+        raise TrackingError(
+            f"cannot write the MLflow tracking database {db} ({err.strerror or err}); make "
+            f"{db.parent} writable, or point tracking.tracking_uri / MLFLOW_TRACKING_URI at a "
+            "writable location"
+        ) from err
+
+
+def store_error(uri: str, err: BaseException) -> TrackingError:
+    """A :class:`TrackingError` for an MLflow store failure: redacted URI, cause, fix.
+
+    Only the first line of the cause is kept (SQLAlchemy appends the whole SQL
+    statement), and it is redacted too: drivers may quote the URI they failed on.
+    """
+    cause = redact_uri(str(err).strip().splitlines()[0] if str(err).strip() else "")
+    hint = "check tracking.tracking_uri / MLFLOW_TRACKING_URI"
+    if "database is locked" in cause:
+        hint = (f"another process held a write lock on the SQLite database for more than "
+                f"{_SQLITE_BUSY_TIMEOUT_S} s; retry when it finishes, or use an MLflow tracking "
+                "server (or PostgreSQL/MySQL) for many concurrent runs")
+    elif "database or disk is full" in cause or "File too large" in cause:
+        hint = "free disk space where the tracking database lives"
+    return TrackingError(f"cannot use the MLflow tracking store {redact_uri(uri)} "
+                         f"({type(err).__name__}: {cause}); {hint}")
 
 
 def default_artifact_location(uri: str) -> str | None:
@@ -186,24 +263,47 @@ def pipeline_run(
         mlflow.set_tags(all_tags)
         yield active
         return
+    check_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     try:
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=default_artifact_location(uri))
         exp = mlflow.set_experiment(experiment)
         run_id = find_run(exp.experiment_id, run_key)
-    except Exception as err:  # re-raised with the URI and the fix
-        raise TrackingError(
-            f"cannot use the MLflow tracking store {redact_uri(uri)} ({type(err).__name__}: "
-            f"{err}); check tracking.tracking_uri / MLFLOW_TRACKING_URI"
-        ) from err
-    if run_id is None:
-        run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name, tags=all_tags)
-    else:
-        run = mlflow.start_run(run_id=run_id)
+        if run_id is None:
+            run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name,
+                                   tags=all_tags)
+        else:
+            run = mlflow.start_run(run_id=run_id)
+    except Exception as err:  # re-raised with the (redacted) URI and the fix
+        raise store_error(uri, err) from err
     # ActiveRun's __exit__ ends the run as FINISHED, or FAILED when the block raised.
-    with run:
+    with _no_raw_url_printing(uri), run:
         yield run
+
+
+@contextlib.contextmanager
+def _no_raw_url_printing(uri: str) -> Iterator[None]:
+    """Stop MLflow from printing ``View run ... at: <tracking URI>`` with its credentials.
+
+    MLflow prints that link to stdout when a run on a tracking server ends, built from
+    the raw URI, password included. For a URI with credentials the link is suppressed
+    (MLflow's own switch) and a redacted one is logged instead.
+    """
+    if not has_credentials(uri):
+        yield
+        return
+    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    before = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+        logger.info("MLflow run logged to %s", redact_uri(uri))
 
 
 def _require_active_run() -> Any:
