@@ -78,6 +78,32 @@ def _check_run_config_keys(raw: dict[str, Any], path: str) -> None:
 
 
 # ----------------------------------------------------------------------- running
+def check_stack(config_path: str, raw: dict[str, Any]) -> None:
+    """One message for the settings the active stack ignores; refuse what it cannot run.
+
+    Raises:
+        StackMismatchError: a step asks for a component the stack lacks (exit code 2).
+    """
+    from zenml.client import Client
+
+    from pipelines.stack_fit import (
+        StackMismatchError,
+        check_stack_fit,
+        format_report,
+        silence_reported_zenml_warnings,
+    )
+
+    stack = Client().active_stack_model
+    findings = check_stack_fit(raw, stack)
+    if not findings:
+        return
+    report = format_report(config_path, stack, findings)
+    if any(f.fatal for f in findings):
+        raise StackMismatchError(report)
+    print(f"WARNING: {report}", file=sys.stderr)
+    silence_reported_zenml_warnings()
+
+
 def build_pipeline(args: argparse.Namespace, raw: dict[str, Any]) -> Any:
     """The configured pipeline object (schedule, cache and run name applied)."""
     from pipelines.schedule import prepare_schedule
@@ -213,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     from pipelines.schedule import CronError, ScheduleNotSupportedError
+    from pipelines.stack_fit import StackMismatchError
 
     try:
+        check_stack(args.config, raw)
         pipeline = build_pipeline(args, raw)
-    except (CronError, ScheduleNotSupportedError) as err:
+    except (CronError, ScheduleNotSupportedError, StackMismatchError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if not args.debug:
