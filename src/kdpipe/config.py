@@ -271,6 +271,8 @@ class PruneConfig(_Frozen):
     global_pruning: bool = False
     iterative_steps: int = Field(1, ge=1)
     round_to: int | None = Field(None, ge=1)
+    """Keep a multiple of this many channels per layer (8 suits ONNX Runtime's CPU kernels),
+    rounded down but never below ``round_to``: a layer that small is left whole."""
     ignored_layers: tuple[str, ...] = ()
     """Module paths never pruned (the classifier always is)."""
     max_layer_ratio: float = Field(0.95, gt=0.0, lt=1.0)

@@ -15,6 +15,13 @@ pickle-free :class:`~kdpipe.bundle.Bundle`. ``bundle.spec.extra`` then holds:
 
 :func:`prune_student` adds ``prune_report`` (:class:`~kdpipe.prune.PruneReport` as JSON)
 and uses the KD recovery epochs as its ``history`` (each row with its ``prune_step``).
+
+Multi-process training: when a ``TrainConfig`` asks for ``num_processes`` > 1, every
+training run of these recipes (teacher, student, each pruning recovery) is handed to
+:func:`kdpipe.distributed.launch_fit`, which starts that many torchrun workers; each runs
+:func:`fit_on_dataset` under DDP, and the trained weights come back into the recipe's
+model. Callbacks get the epoch rows as rank 0 finishes them; the returned bundles are the
+same as single-process ones.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from kdpipe import distributed
 from kdpipe.bundle import Bundle
 from kdpipe.config import (
     DistillConfig,
@@ -42,15 +50,20 @@ from kdpipe.train import (
     ClassificationTask,
     DistillationTask,
     Task,
+    TrainResult,
     evaluate,
     fit,
     resolve_device,
+    seed_everything,
 )
 
 if TYPE_CHECKING:
     from kdpipe.prune import PruneReport
 
-__all__ = ["bundle_metrics", "distill_student", "measure", "prune_student", "train_teacher"]
+__all__ = [
+    "bundle_metrics", "distill_student", "fit_on_dataset", "make_task", "measure", "prune_student",
+    "train_teacher",
+]
 
 
 def train_teacher(
@@ -73,8 +86,9 @@ def train_teacher(
     Returns:
         The trained teacher with its history and metrics in ``spec.extra``.
     """
+    seed_everything(cfg.train.seed)  # the initial weights follow from the config alone
     model = build_model(cfg.model, dataset.num_classes, dataset.in_channels)
-    return _train(model, ClassificationTask(), dataset, cfg.model, cfg.train, role="teacher",
+    return _train(model, None, None, dataset, cfg.model, cfg.train, role="teacher",
                   callbacks=callbacks, checkpoint_dir=checkpoint_dir)
 
 
@@ -101,9 +115,10 @@ def distill_student(
         ValueError: the teacher was built for other classes or another input shape.
     """
     _check_compatible(teacher, dataset)
+    seed_everything(student_cfg.train.seed)  # the initial weights follow from the config alone
     model = build_model(student_cfg.model, dataset.num_classes, dataset.in_channels)
-    task = DistillationTask(teacher.model, distill_cfg)
-    return _train(model, task, dataset, student_cfg.model, student_cfg.train, role="student",
+    return _train(model, teacher, distill_cfg, dataset, student_cfg.model, student_cfg.train,
+                  role="student",
                   callbacks=callbacks, checkpoint_dir=checkpoint_dir,
                   extra={"distill": distill_cfg.model_dump(mode="json")})
 
@@ -142,6 +157,9 @@ def prune_student(
     history: list[dict[str, float]] = []
     if prune_cfg.enabled:
         rec = prune_cfg.recovery
+        launch = rec.num_processes > 1 and not distributed.is_active()
+        if launch:  # fail before pruning, not at the first recovery
+            distributed.check_launch(rec, batch_size=dataset.config.batch_size)
         device = resolve_device(rec.device)
         train_loader = make_loader(dataset, "train", train=True, device=device, seed=rec.seed)
         val_loader = make_loader(dataset, "val", train=False, device=device)
@@ -156,8 +174,13 @@ def prune_student(
                     callback(offset + epoch, row)
 
             # A fresh task per step: a feature-loss regressor must match the new channel counts.
-            fit(m, DistillationTask(teacher.model, distill_cfg), train_loader, val_loader, rec,
-                callbacks=[relabel], desc=f"recovery {step + 1}/{prune_cfg.iterative_steps}")
+            desc = f"recovery {step + 1}/{prune_cfg.iterative_steps}"
+            if launch:
+                _fit_distributed(m, student.spec, teacher, distill_cfg, dataset, rec,
+                                 callbacks=[relabel], checkpoint_dir=None, desc=desc)
+            else:
+                fit(m, DistillationTask(teacher.model, distill_cfg), train_loader, val_loader, rec,
+                    callbacks=[relabel], desc=desc)
             m.cpu()
 
         def taylor_loss(m: nn.Module) -> torch.Tensor:
@@ -231,9 +254,72 @@ def _check_compatible(teacher: Bundle, dataset: DatasetSpec) -> None:
         )
 
 
-def _train(
+def make_task(teacher: nn.Module | None, distill_cfg: DistillConfig | None) -> Task:
+    """The training objective: distillation from ``teacher`` with ``distill_cfg``, or plain
+    cross-entropy when there is no teacher."""
+    if teacher is None:
+        return ClassificationTask()
+    if distill_cfg is None:
+        raise ValueError("distillation needs a DistillConfig with the teacher")
+    return DistillationTask(teacher, distill_cfg)
+
+
+def fit_on_dataset(
     model: nn.Module,
     task: Task,
+    dataset: DatasetSpec,
+    cfg: TrainConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Build the train / val loaders of ``dataset`` and run :func:`kdpipe.train.fit` here.
+
+    This is the in-process part of every recipe; a DDP worker runs it on each rank, where
+    ``fit`` shards the loaders (``data.batch_size`` = global batch).
+    """
+    device = distributed.process_device(cfg.device)
+    train_loader = make_loader(dataset, "train", train=True, device=device, seed=cfg.seed)
+    val_loader = make_loader(dataset, "val", train=False, device=device)
+    return fit(model, task, train_loader, val_loader, cfg, callbacks=callbacks,
+               checkpoint_dir=checkpoint_dir, desc=desc)
+
+
+def _fit_distributed(
+    model: nn.Module,
+    spec_source: Any,
+    teacher: Bundle | None,
+    distill_cfg: DistillConfig | None,
+    dataset: DatasetSpec,
+    cfg: TrainConfig,
+    *,
+    callbacks: Sequence[Callback],
+    checkpoint_dir: str | Path | None,
+    desc: str,
+) -> TrainResult:
+    """Train ``model`` in place on ``cfg.num_processes`` torchrun workers.
+
+    ``spec_source`` gives the architecture (``arch`` and ``kwargs``: a ModelConfig or a
+    ModelSpec) under which the model travels to the workers as a bundle.
+    """
+    initial = Bundle.from_model(
+        model.cpu(), arch=spec_source.arch, classes=dataset.classes,
+        input_shape=dataset.input_shape, mean=dataset.mean, std=dataset.std,
+        kwargs=dict(spec_source.kwargs))
+    job = distributed.FitJob(
+        dataset=dataset, train=cfg, model=initial, teacher=teacher, distill=distill_cfg,
+        checkpoint_dir=None if checkpoint_dir is None else str(Path(checkpoint_dir).resolve()),
+        desc=desc)
+    trained, result = distributed.launch_fit(job, callbacks=callbacks)
+    model.load_state_dict(trained.model.state_dict())
+    return result
+
+
+def _train(
+    model: nn.Module,
+    teacher: Bundle | None,
+    distill_cfg: DistillConfig | None,
     dataset: DatasetSpec,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -243,11 +329,13 @@ def _train(
     checkpoint_dir: str | Path | None,
     extra: dict[str, Any] | None = None,
 ) -> Bundle:
-    device = resolve_device(train_cfg.device)
-    train_loader = make_loader(dataset, "train", train=True, device=device, seed=train_cfg.seed)
-    val_loader = make_loader(dataset, "val", train=False, device=device)
-    result = fit(model, task, train_loader, val_loader, train_cfg, callbacks=callbacks,
-                 checkpoint_dir=checkpoint_dir, desc=role)
+    if train_cfg.num_processes > 1 and not distributed.is_active():
+        result = _fit_distributed(model, model_cfg, teacher, distill_cfg, dataset, train_cfg,
+                                  callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc=role)
+    else:
+        task = make_task(None if teacher is None else teacher.model, distill_cfg)
+        result = fit_on_dataset(model, task, dataset, train_cfg, callbacks=callbacks,
+                                checkpoint_dir=checkpoint_dir, desc=role)
     model.eval()
     test = measure(model, dataset, "test", train_cfg.device)
     metrics = {

@@ -16,8 +16,16 @@ holds the model, optimiser, grad scaler, the task's extra parameters, the histor
 best weights and every RNG state; resuming from it reproduces the uninterrupted run.
 Checkpoints are plain containers loaded with ``torch.load(weights_only=True)``.
 
-Multi-process (DDP) seams: ``_is_main_process``, ``_reduce_sums``, ``_wrap_model`` and
-``_set_loader_epoch`` are single-process today; a DDP implementation replaces only them.
+Multi-process (DDP): when ``fit`` runs in an initialised process group of
+``cfg.num_processes`` processes (a torchrun worker started by
+:func:`kdpipe.distributed.launch_fit`), the same loop runs on every rank: the model is
+wrapped in DistributedDataParallel, the train loader re-sharded with a DistributedSampler
+(``data.batch_size`` is the global batch), the validation loader sharded without padding,
+loss and metric sums all-reduced, and rank 0 alone writes checkpoints (every rank resumes
+from them). Global RNGs are re-seeded per (seed, epoch, rank), so a resumed DDP run repeats
+the uninterrupted one. The seams below (``_is_main_process``, ``_reduce_sums``,
+``_wrap_model``, ``_set_loader_epoch``, ``_distribute_loaders``, ``_seed_epoch``) are no-ops
+with one process.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdpipe import metrics
+from kdpipe import distributed, metrics
 from kdpipe.config import TrainConfig
 from kdpipe.tasks import ClassificationTask, DistillationTask, Task, describe_task
 
@@ -106,33 +114,84 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ------------------------------------------------- distributed seams (DDP later)
+# ------------------------------------------------------------- distributed seams
+def _check_world(cfg: TrainConfig, desc: str) -> bool:
+    """Whether this ``fit`` runs as one of ``cfg.num_processes`` DDP processes.
+
+    Raises:
+        RuntimeError: ``num_processes`` > 1 without a process group (``fit`` does not
+            launch workers; the recipes do), or a process group of another size.
+    """
+    world = distributed.world_size()
+    if world == cfg.num_processes:
+        return world > 1
+    if world == 1:
+        raise RuntimeError(
+            f"{desc}: train.num_processes={cfg.num_processes} needs a torch.distributed process "
+            "group of that size, and fit() does not launch one; train through kdpipe.recipes "
+            "(they start the workers with torchrun) or call fit() inside torchrun workers with "
+            "the process group initialised, or set num_processes: 1")
+    raise RuntimeError(
+        f"{desc}: the process group has {world} processes but train.num_processes="
+        f"{cfg.num_processes}; set num_processes: {world} (or launch {cfg.num_processes} workers)")
+
+
 def _is_main_process() -> bool:
     """Whether this process writes checkpoints and logs (DDP: rank 0)."""
-    return True
+    return distributed.is_main_process()
 
 
 def _reduce_sums(values: Tensor) -> Tensor:
     """Sum per-process totals across processes (DDP: ``all_reduce(values, SUM)``)."""
-    return values
+    return distributed.all_reduce_sum(values)
 
 
 def _wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """The module the training step calls (DDP: DistributedDataParallel(model))."""
-    return model
+    if not distributed.is_active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _distribute_loaders(
+    train_loader: DataLoader, val_loader: Iterable | None, cfg: TrainConfig
+) -> tuple[DataLoader, Iterable | None]:
+    """DDP: this rank's share of the data (train: DistributedSampler and the global batch
+    split across processes; validation: a shard without padding, sums reduced later)."""
+    if not distributed.is_active():
+        return train_loader, val_loader
+    where = {"process_rank": distributed.rank(), "num_processes": distributed.world_size()}
+    train = distributed.distribute_loader(train_loader, seed=cfg.seed, **where)
+    val = None if val_loader is None else distributed.shard_loader(val_loader, **where)  # type: ignore[arg-type]
+    return train, val
+
+
+def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """DDP: re-seed the global RNGs (dropout...) and the loader's worker seeds from
+    (seed, epoch, rank), so every rank draws its own numbers and a resumed run repeats the
+    uninterrupted one without per-rank RNG state in the checkpoint."""
+    if not distributed.is_active():
+        return
+    s = distributed.epoch_seed(seed, epoch, distributed.rank())
+    seed_everything(s)
+    for g in _loader_generators(loader):
+        g.manual_seed(s)
 
 
 def _set_loader_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
     """Prepare the loader for ``epoch``: reshuffle a DistributedSampler-style sampler and
     restart a dataset's own augmentation stream (``dataset.reseed``, as in
-    :class:`kdpipe.data.SplitDataset`) from (seed, epoch), so that a resumed run draws the
-    same augmentations as an uninterrupted one without checkpointing the dataset."""
+    :class:`kdpipe.data.SplitDataset`) from (seed, epoch, rank), so that a resumed run draws
+    the same augmentations as an uninterrupted one without checkpointing the dataset."""
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     reseed = getattr(loader.dataset, "reseed", None)
     if callable(reseed):
-        reseed(seed * 1_000_003 + epoch)
+        # rank 0 (and a single process) keeps the historical stream; other ranks differ.
+        reseed(seed * 1_000_003 + epoch + 7_919 * distributed.rank())
 
 
 # ------------------------------------------------------- optimiser and schedule
@@ -222,6 +281,10 @@ def evaluate(
         loader: yields ``(x, y)`` or ``(x, y, index)``.
         device: where to run; None = where the model's parameters are.
         amp: autocast on CUDA (as in training); fp32 otherwise.
+
+    Inside a process group of several processes (DDP) ``loader`` is this rank's shard
+    (see :func:`kdpipe.distributed.shard_loader`): the sums are reduced over all ranks and
+    every rank returns the result for the whole split.
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -353,16 +416,20 @@ class _RunState:
 def _train_epoch(
     model: nn.Module, task: Task, loader: DataLoader, optimizer: torch.optim.Optimizer,
     precision: _Precision, cfg: TrainConfig, epoch: int, desc: str,
+    extra: Sequence[nn.Parameter] = (),
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns lr and sample-weighted means of the loss parts."""
+    """One pass over ``loader``; returns lr and sample-weighted means of the loss parts
+    (over all processes under DDP)."""
     model.train()
+    _seed_epoch(loader, cfg.seed, epoch)
     _set_loader_epoch(loader, epoch, cfg.seed)
     steps = len(loader)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     channels_last = cfg.channels_last and precision.device.type == "cuda"
     sums: dict[str, float] = defaultdict(float)
     lr = cfg.lr
-    bar = tqdm(loader, desc=f"{desc} {epoch}/{cfg.epochs}", leave=False, disable=not sys.stderr.isatty())
+    bar = tqdm(loader, desc=f"{desc} {epoch}/{cfg.epochs}", leave=False,
+               disable=not (sys.stderr.isatty() and _is_main_process()))
     for step, (x, y, index) in enumerate(bar, start=1):
         lr = cfg.lr * lr_factor(cfg, (epoch - 1) * steps + step - 1, steps)
         for group in optimizer.param_groups:
@@ -375,6 +442,7 @@ def _train_epoch(
             raise TrainingDivergedError(desc, epoch, step, value, cfg.max_loss)
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
+        distributed.average_gradients(extra)  # DDP syncs the model's gradients, not these
         if cfg.grad_clip is not None:
             precision.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -427,6 +495,12 @@ def fit(
             for anything else is ignored with a warning and overwritten.
         desc: label for the progress bar, logs and errors.
 
+    Under DDP (``cfg.num_processes`` > 1, called on every rank of a process group of that
+    size, e.g. by :mod:`kdpipe.distributed`'s workers) pass the same single-process loaders
+    on every rank: ``fit`` shards them itself (``train_loader.batch_size`` is the global
+    batch). Metrics in the history are over all ranks; only rank 0 writes checkpoints;
+    every rank calls ``callbacks`` (give rank 0 the ones with side effects).
+
     Returns:
         The history (``epoch``, ``lr``, ``train_loss``, ``train_<part>``, ``val_loss``,
         ``val_accuracy``, ``seconds`` per epoch) and the best epoch.
@@ -434,14 +508,13 @@ def fit(
     Raises:
         TrainingDivergedError: NaN/inf loss, or a loss above ``cfg.max_loss``.
         TrainingOOMError: CUDA ran out of memory (lower ``data.batch_size``).
+        RuntimeError: ``cfg.num_processes`` > 1 outside a process group of that size.
+        kdpipe.distributed.DistributedConfigError: under DDP, a batch size not divisible
+            by the number of processes, or loaders that cannot be sharded.
     """
-    if cfg.num_processes > 1:
-        # Refuse rather than silently train on one process: DDP launching is not built yet.
-        raise NotImplementedError(
-            f"{desc}: train.num_processes={cfg.num_processes} asks for multi-process (DDP) "
-            "training, which kdpipe does not implement yet; set num_processes: 1"
-        )
-    device = resolve_device(cfg.device)
+    ddp = _check_world(cfg, desc)
+    device = distributed.process_device(cfg.device)
+    train_loader, val_loader = _distribute_loaders(train_loader, val_loader, cfg)
     if len(train_loader) == 0:
         raise ValueError(f"{desc}: the train loader yields no batches; the train split is empty")
     seed_everything(cfg.seed)
@@ -450,6 +523,23 @@ def fit(
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    # Before the task hooks into modules and before the optimiser: SyncBatchNorm layers
+    # share the BatchNorm tensors; the original layers come back at the end.
+    restore_batchnorm = distributed.sync_batchnorm(model) if ddp and cfg.sync_batchnorm else None
+    try:
+        return _fit(model, task, train_loader, val_loader, cfg, device, callbacks=callbacks,
+                    checkpoint_dir=checkpoint_dir, resume=resume, desc=desc)
+    finally:
+        if restore_batchnorm is not None:
+            restore_batchnorm()
+
+
+def _fit(
+    model: nn.Module, task: Task, train_loader: DataLoader, val_loader: Iterable | None,
+    cfg: TrainConfig, device: torch.device, *, callbacks: Sequence[Callback],
+    checkpoint_dir: str | Path | None, resume: bool, desc: str,
+) -> TrainResult:
+    """The loop proper, on loaders already sharded for this process."""
     task.prepare(model, train_loader, device)
     extra = task.extra_parameters()
     optimizer = build_optimizer([*model.parameters(), *extra], cfg)
@@ -467,12 +557,13 @@ def fit(
         epoch, start = state.epoch + 1, time.perf_counter()
         try:
             row: dict[str, float] = {"epoch": epoch, **_train_epoch(
-                train_model, task, train_loader, optimizer, precision, cfg, epoch, desc)}
+                train_model, task, train_loader, optimizer, precision, cfg, epoch, desc, extra)}
         except torch.cuda.OutOfMemoryError as err:
             raise TrainingOOMError(
                 f"{desc}: out of GPU memory in epoch {epoch} with batch size "
                 f"{train_loader.batch_size}; lower data.batch_size (e.g. to "
                 f"{max(1, (train_loader.batch_size or 2) // 2)}) or enable train.amp") from err
+        distributed.broadcast_buffers(model)  # DDP: every rank evaluates / keeps rank 0's model
         if val_loader is not None:
             ev = evaluate(model, val_loader, device, amp=cfg.amp)
             row.update(val_loss=ev.loss, val_accuracy=ev.accuracy)
