@@ -80,11 +80,42 @@ def test_ratio_outside_open_unit_interval_is_a_config_error(ratio: float) -> Non
 
 
 def test_ratio_that_would_empty_a_layer_fails_before_pruning() -> None:
-    model = _model("cnn_small")  # stage1 has 8 channels: 8 * 0.5 = 4, rounded to 8 -> 0
+    model = _model("cnn_tiny")  # stage1 has 4 channels: int(4 * (1 - 0.8)) = 0
     before = [p.clone() for p in model.parameters()]
-    with pytest.raises(ConfigError, match=r"ratio=0.5 with round_to=8 would remove every channel of: features\.stage1\.conv1\.conv \(8 channels\)"):
-        _prune(model, _shape("cnn_small"), round_to=8)
+    with pytest.raises(ConfigError, match=r"ratio=0.8 would remove every channel of: features\.stage1\.conv1\.conv \(4 channels\)"):
+        _prune(model, _shape("cnn_tiny"), ratio=0.8, round_to=4)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("arch", "ratio", "round_to", "expected"), [
+    # 8 * 0.5 = 4 would round down to 0: a layer of round_to channels is kept whole.
+    ("cnn_small", 0.5, 8, {"features.stage1.conv1.conv": 8, "features.stage2.conv1.conv": 8,
+                           "features.stage3.conv2.conv": 16}),
+    # int(16 * 0.7) = 11 -> 8, int(32 * 0.7) = 22 -> 16 (Torch-Pruning's floor to a multiple).
+    ("cnn_small", 0.3, 8, {"features.stage1.conv1.conv": 8, "features.stage2.conv2.conv": 8,
+                           "features.stage3.conv1.conv": 16}),
+    ("cnn_small", 0.3, 4, {"features.stage1.conv1.conv": 4, "features.stage2.conv1.conv": 8,
+                           "features.stage3.conv1.conv": 20}),
+    # Residual groups: int(64 * 0.7) = 44 -> 40.
+    ("resnet20", 0.3, 8, {"conv1": 8, "layer2.0.conv2": 16, "layer3.2.conv1": 40}),
+])
+def test_round_to_keeps_multiples_and_never_empties_a_layer(
+    arch: str, ratio: float, round_to: int, expected: dict[str, int]
+) -> None:
+    model = _model(arch)
+    _prune(model, _shape(arch), ratio=ratio, round_to=round_to)
+    modules = dict(model.named_modules())
+    assert {k: modules[k].out_channels for k in expected} == expected
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c % round_to == 0 for c in convs), convs
+
+
+def test_round_to_with_iterative_steps_reaches_the_same_layout() -> None:
+    one, two = _model("resnet20"), _model("resnet20")
+    _prune(one, _shape("resnet20"), ratio=0.3, round_to=8)
+    _prune(two, _shape("resnet20"), ratio=0.3, round_to=8, iterative_steps=2)
+    channels = lambda m: [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
+    assert channels(one) == channels(two)
 
 
 def test_unknown_ignored_layer_lists_nearby_paths() -> None:
@@ -279,3 +310,27 @@ def test_prune_and_recover_on_digits() -> None:
     assert len(report.steps) == 2 and report.macs_ratio > 2.5
     assert pruned.spec.extra["prune_report"]["steps"][1]["step"] == 2
     assert pruned.spec.layout
+
+
+def test_removing_dead_channels_leaves_the_outputs_unchanged() -> None:
+    """Structural removal is exact: channels whose BN outputs are zero can go for free.
+
+    In every BN, the first channels get gamma = beta = 0 (after ReLU they carry nothing),
+    exactly as many as ratio 0.3 removes; ``bn_scale`` importance must pick those and the
+    pruned model must compute the same logits (BN statistics of the kept channels intact).
+    """
+    model = _model("cnn_small")
+    x = torch.rand(4, *_shape("cnn_small"), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                dead = m.num_features - int(m.num_features * 0.7)
+                m.weight[:dead] = 0.0
+                m.bias[:dead] = 0.0
+        expected = model(x)
+    report = _prune(model, _shape("cnn_small"), ratio=0.3, importance="bn_scale")
+    assert report.macs_ratio > 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)

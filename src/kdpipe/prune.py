@@ -187,11 +187,42 @@ def _resolve_ignored(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
 
 
 def _kept_channels(n: int, ratio: float, round_to: int | None) -> int:
-    """Channels Torch-Pruning keeps of ``n`` at ``ratio`` (its own rounding, local mode)."""
+    """Output channels a layer of ``n`` keeps at ``ratio`` (local mode).
+
+    ``int(n * (1 - ratio))`` as Torch-Pruning counts; with ``round_to`` that is rounded
+    down to a multiple of ``round_to`` but never below ``min(n, round_to)``: rounding
+    exists to make channel counts vectorise well, so it must not empty a small layer
+    (a layer of at most ``round_to`` channels is left whole). A ratio that by itself
+    keeps nothing still returns 0 (a config error, see :func:`_check_no_layer_emptied`).
+    """
     kept = int(n * (1 - ratio))
-    if round_to:
-        kept -= kept % round_to
+    if round_to and kept >= 1:
+        kept = max(kept - kept % round_to, min(n, round_to))
     return kept
+
+
+def _root_channels(pruner: tp.pruner.BasePruner, group: Any) -> tuple[nn.Module, int]:
+    """A group's root layer and its prunable channel count (per channel group)."""
+    root = group[0][0].target.module
+    return root, pruner.DG.get_out_channels(root) // pruner.out_channel_groups.get(root, 1)
+
+
+def _rounded_ratios(pruner: tp.pruner.BasePruner, cfg: PruneConfig) -> dict[nn.Module, float]:
+    """Per-layer ratios that make Torch-Pruning keep exactly :func:`_kept_channels`.
+
+    Torch-Pruning's own ``round_to`` rounds the kept count down to a multiple, which can
+    empty a layer of ``round_to`` channels or fewer. Passing each layer the ratio of its
+    rounded target instead (with half a channel of slack against float error: Torch-
+    Pruning keeps ``int(n * (1 - ratio))``) keeps every layer at ``round_to`` or more.
+    """
+    ratios: dict[nn.Module, float] = {}
+    for group in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
+        root, n = _root_channels(pruner, group)
+        kept = _kept_channels(n, cfg.ratio, cfg.round_to)
+        ratios[root] = 0.0 if kept >= n else 1.0 - (kept + 0.5) / n
+    return ratios
 
 
 def _check_no_layer_emptied(
@@ -200,25 +231,23 @@ def _check_no_layer_emptied(
     """Fail before pruning if a layer would keep no channel.
 
     Torch-Pruning silently *skips* such a layer (it refuses to empty it), so the model
-    would come out less pruned than asked without a word.
+    would come out less pruned than asked without a word. ``round_to`` never empties a
+    layer (see :func:`_kept_channels`); only the ratio itself can.
     """
     ratio = cfg.max_layer_ratio if cfg.global_pruning else cfg.ratio
     problems = []
     for group in pruner.DG.get_all_groups(
         ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
     ):
-        root = group[0][0].target.module
-        n = pruner.DG.get_out_channels(root) // pruner.out_channel_groups.get(root, 1)
+        root, n = _root_channels(pruner, group)
         if _kept_channels(n, ratio, cfg.round_to) < 1:
             problems.append(f"{names.get(root, '?')} ({n} channels)")
     if problems:
         what = "max_layer_ratio" if cfg.global_pruning else "ratio"
         raise ConfigError(
-            f"prune.{what}={ratio}"
-            + (f" with round_to={cfg.round_to}" if cfg.round_to else "")
-            + f" would remove every channel of: {', '.join(problems[:8])}"
+            f"prune.{what}={ratio} would remove every channel of: {', '.join(problems[:8])}"
             + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
-            + f"; lower prune.{what}, lower prune.round_to, or add those layers to "
+            + f"; lower prune.{what}, or add those layers to "
             "prune.ignored_layers"
         )
 
@@ -254,18 +283,31 @@ def _check_forward(model: nn.Module, example: torch.Tensor, step: int) -> None:
 def _build_pruner(
     model: nn.Module, example: torch.Tensor, cfg: PruneConfig, ignored: list[nn.Module]
 ) -> tp.pruner.BasePruner:
-    try:
+    """Torch-Pruning's pruner for ``cfg``; a tracing failure becomes a :class:`PruningError`.
+
+    Local pruning with ``round_to`` traces twice: once to list the layers, once with the
+    per-layer ratios of :func:`_rounded_ratios` (Torch-Pruning reads them only at
+    construction).
+    """
+    def build(ratio_dict: dict[nn.Module, float] | None) -> tp.pruner.BasePruner:
         return tp.pruner.BasePruner(
             model,
             example,
             importance=IMPORTANCES.get(cfg.importance)(),
             global_pruning=cfg.global_pruning,
             pruning_ratio=cfg.ratio,
+            pruning_ratio_dict=ratio_dict,
             max_pruning_ratio=cfg.max_layer_ratio,
             iterative_steps=cfg.iterative_steps,
             round_to=cfg.round_to,
             ignored_layers=ignored,
         )
+
+    try:
+        pruner = build(None)
+        if cfg.round_to and not cfg.global_pruning:
+            pruner = build(_rounded_ratios(pruner, cfg))
+        return pruner
     except Exception as err:  # tracing failures come from arbitrary model code
         raise PruningError(
             f"Torch-Pruning could not trace {type(model).__name__} to build its dependency "
