@@ -68,4 +68,5 @@ def distillation_pipeline(
                                  tracking_cfg=tracking)
     decision = gate_student(evaluation=evaluation, gate_cfg=gate)
     promote_student(gate_decision=decision, student_onnx=onnx, pruned_student=pruned,
-                    teacher=teacher_model, tracking_cfg=tracking, gate_cfg=gate)
+                    teacher=teacher_model, evaluation=evaluation, tracking_cfg=tracking,
+                    gate_cfg=gate)

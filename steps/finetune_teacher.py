@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from zenml import Model, get_step_context, step
+from zenml import Model, get_step_context, log_metadata, step
 from zenml.enums import ModelStages
 from zenml.logger import get_logger
 
@@ -14,13 +14,14 @@ from kdpipe import plots, recipes, tracking
 from kdpipe.bundle import Bundle, save_bundle
 from kdpipe.config import TeacherConfig, TrackingConfig
 from kdpipe.data import DatasetSpec
+from steps.checkpoints import TRAINING_RETRY, model_identity, training_checkpoint
 from steps.materializers import BundleMaterializer
 from steps.tracking_context import mlflow_run
 
 logger = get_logger(__name__)
 
 
-@step(output_materializers=BundleMaterializer)
+@step(output_materializers=BundleMaterializer, retry=TRAINING_RETRY)
 def finetune_teacher(
     dataset: DatasetSpec, teacher_cfg: TeacherConfig, tracking_cfg: TrackingConfig
 ) -> Annotated[Bundle, "teacher"]:
@@ -29,10 +30,17 @@ def finetune_teacher(
     Per-epoch metrics go to MLflow as ``teacher/<name>``; the final ones as
     ``teacher/test_accuracy`` etc. With ``teacher.init: production`` the weights start
     from the teacher of the model version now in production (when there is one).
+
+    Every epoch is checkpointed (:mod:`steps.checkpoints`): a retry, or a re-run after
+    the process was killed, resumes from the last finished epoch.
     """
     teacher_cfg = _with_production_start(teacher_cfg)
-    with mlflow_run(tracking_cfg):
-        bundle = recipes.train_teacher(dataset, teacher_cfg,
+    identity = {"dataset": dataset.model_dump(mode="json"),
+                "model": model_identity(teacher_cfg.model),
+                "train": teacher_cfg.train.model_dump(mode="json")}
+    with mlflow_run(tracking_cfg), training_checkpoint("finetune_teacher", identity) as ckpt:
+        log_metadata(metadata=ckpt.metadata())
+        bundle = recipes.train_teacher(dataset, teacher_cfg, checkpoint_dir=ckpt.directory,
                                        callbacks=[tracking.epoch_logger("teacher")])
         tracking.log_metrics(recipes.bundle_metrics(bundle), "teacher")
         tracking.log_figure(plots.training_curves({"teacher": bundle.spec.extra["history"]}),

@@ -19,6 +19,14 @@ a normal outcome of scheduled retraining, so the run succeeds unless
 
 A candidate whose ONNX file is byte-identical to the current champion (a re-run with
 nothing changed) is not registered again: nothing is promoted, nothing moves.
+
+Concurrent runs: steps 1-3 run under :func:`kdpipe.promotion.promotion_lock`, so two
+runs promoting at once cannot interleave (one's alias with the other's stage). Inside the
+lock the production version is read again: when it is no longer the one the candidate
+was evaluated against (another run promoted meanwhile) and the gate compares against
+production (``gate.min_gain_vs_production`` set), the candidate is not promoted: its
+model version is tagged ``superseded`` with the reason; a re-run compares it against the
+new production.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from zenml.logger import get_logger
 
 from kdpipe.bundle import Bundle
 from kdpipe.config import GateConfig, TrackingConfig
+from kdpipe.evaluation import EvaluationReport
 from kdpipe.export import ExportResult
 from kdpipe.gate import GateDecision
 from kdpipe.promotion import (
@@ -40,6 +49,7 @@ from kdpipe.promotion import (
     PromotionResult,
     RegisteredVersion,
     get_champion,
+    promotion_lock,
     register_onnx_model,
     restore_champion,
     set_champion,
@@ -50,6 +60,8 @@ from steps.tracking_context import mlflow_run
 
 logger = get_logger(__name__)
 REJECTED_TAG = "rejected"
+SUPERSEDED_TAG = "superseded"
+"""Tag of a model version not promoted because a concurrent run moved production first."""
 
 
 class GateRejectedError(RuntimeError):
@@ -64,8 +76,13 @@ def promote_student(
     teacher: Bundle,
     tracking_cfg: TrackingConfig,
     gate_cfg: GateConfig,
+    evaluation: EvaluationReport | None = None,
 ) -> Annotated[PromotionResult, "promotion"]:
     """Promote this run's student when the gate passed; record the rejection otherwise.
+
+    Args:
+        evaluation: the report the gate decided on; its ``production.version`` is checked
+            against the production version at promotion time (None: not checked).
 
     Raises:
         PromotionError: a registry failed; the message says what was restored.
@@ -77,7 +94,10 @@ def promote_student(
     with mlflow_run(tracking_cfg) as uri:
         log_metrics(gate_decision.metadata(), "gate")
         if gate_decision.passed:
-            result = _promote(model, student_onnx, pruned_student, teacher, tracking_cfg, uri)
+            with promotion_lock(tracking_cfg.registered_model, tracking_uri=uri):
+                stale = _stale_comparison(model, evaluation, gate_decision)
+                result = (_superseded(model, tracking_cfg, stale) if stale else
+                          _promote(model, student_onnx, pruned_student, teacher, tracking_cfg, uri))
         else:
             result = _reject(model, gate_decision, tracking_cfg)
         log_metrics(result.metadata(), "promotion")
@@ -100,6 +120,34 @@ def _reject(model: Any, decision: GateDecision, tracking_cfg: TrackingConfig
     return PromotionResult(promoted=False, model_version=str(model.version),
                            registered_model=tracking_cfg.registered_model,
                            reasons=decision.reasons or ["the gate rejected the candidate"])
+
+
+def _stale_comparison(model: Any, evaluation: EvaluationReport | None,
+                      decision: GateDecision) -> str | None:
+    """Why the gate's comparison with production no longer holds (None: it holds).
+
+    Called under the promotion lock, so the production version read here cannot move
+    before this run's promotion finishes.
+    """
+    if evaluation is None or "min_gain_vs_production" in decision.disabled:
+        return None
+    current = _current_production(model)
+    now = None if current is None else str(current.name)
+    seen = evaluation.production.version
+    if now == seen:
+        return None
+    return (f"production moved from version {seen or '(none)'} to {now} while this run was "
+            f"being evaluated (a concurrent run promoted); the gate compared against "
+            f"{seen or 'no production'}, so nothing was promoted: re-run to compare against "
+            f"version {now}")
+
+
+def _superseded(model: Any, tracking_cfg: TrackingConfig, reason: str) -> PromotionResult:
+    """Keep the candidate's model version, tagged ``superseded``; production does not move."""
+    Client().update_model_version(model_name_or_id=model.model_id,
+                                  version_name_or_id=model.id, add_tags=[SUPERSEDED_TAG])
+    return PromotionResult(promoted=False, model_version=str(model.version),
+                           registered_model=tracking_cfg.registered_model, reasons=[reason])
 
 
 def _current_production(model: Any) -> Any | None:

@@ -11,13 +11,14 @@ from kdpipe import plots, recipes, tracking
 from kdpipe.bundle import Bundle
 from kdpipe.config import DistillConfig, PruneConfig, TrackingConfig
 from kdpipe.data import DatasetSpec
+from steps.checkpoints import TRAINING_RETRY
 from steps.materializers import BundleMaterializer
 from steps.tracking_context import mlflow_run
 
 logger = get_logger(__name__)
 
 
-@step(output_materializers=BundleMaterializer)
+@step(output_materializers=BundleMaterializer, retry=TRAINING_RETRY)
 def prune_student(
     dataset: DatasetSpec,
     student: Bundle,
@@ -30,6 +31,9 @@ def prune_student(
 
     Recovery epochs go to MLflow as ``recovery/<name>``; the before/after numbers as
     ``prune/params_ratio``, ``prune/macs_ratio``...
+
+    Retried like the other training steps; a retry starts the pruning over
+    (:func:`kdpipe.recipes.prune_student` takes no checkpoint directory yet).
     """
     with mlflow_run(tracking_cfg):
         bundle, report = recipes.prune_student(student, teacher, dataset, prune_cfg, distill_cfg,

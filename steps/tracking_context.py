@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 from zenml import get_step_context, log_metadata
 from zenml.client import Client
+from zenml.exceptions import StepContextError
 from zenml.logger import get_logger
 
 from kdpipe import tracking
@@ -31,6 +33,14 @@ def stack_tracking_uri() -> str | None:
     return tracker.get_tracking_uri()
 
 
+def _step_model(ctx: Any) -> Any | None:
+    """The step's ZenML model, or None for a pipeline without one (ZenML raises then)."""
+    try:
+        return ctx.model
+    except StepContextError:
+        return None
+
+
 @contextlib.contextmanager
 def mlflow_run(tracking_cfg: TrackingConfig) -> Iterator[str]:
     """Open the pipeline run's MLflow run for the block; yield the tracking URI in use.
@@ -42,9 +52,10 @@ def mlflow_run(tracking_cfg: TrackingConfig) -> Iterator[str]:
     run = ctx.pipeline_run
     uri = tracking.resolve_tracking_uri(tracking_cfg.tracking_uri, stack_uri=stack_tracking_uri())
     tags = {"zenml.pipeline": ctx.pipeline.name, "zenml.run_name": run.name}
-    if ctx.model is not None:
-        tags["zenml.model"] = ctx.model.name
-        tags["zenml.model_version"] = str(ctx.model.version)
+    model = _step_model(ctx)
+    if model is not None:
+        tags["zenml.model"] = model.name
+        tags["zenml.model_version"] = str(model.version)
     with tracking.pipeline_run(experiment=tracking_cfg.experiment, run_key=str(run.id),
                                run_name=run.name, tracking_uri=uri, tags=tags) as active:
         log_metadata(metadata={"mlflow_run_id": active.info.run_id,

@@ -13,14 +13,24 @@ Promotion is done in an order that can always be undone exactly:
 3. the caller (the ``promote_student`` step) moves the ZenML production stage, and on
    failure calls :func:`restore_champion` with the previous target.
 
+Two pipeline runs that promote at the same time must not interleave these calls (run A's
+alias with run B's stage): the caller holds :func:`promotion_lock` from reading the
+current champion to moving the stage, which makes compare-and-promote atomic across
+processes on one machine.
+
 Stages are deprecated in MLflow 3; aliases replace them. This module never imports zenml.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +50,8 @@ __all__ = [
     "RegisteredVersion",
     "download_version",
     "get_champion",
+    "promotion_lock",
+    "promotion_lock_path",
     "register_onnx_model",
     "require_champion",
     "restore_champion",
@@ -51,6 +63,8 @@ MODEL_ARTIFACT_NAME = "promoted_student"
 """Name of the MLflow model logged (in the pipeline's run) when a student is promoted."""
 NO_CHAMPION_HINT = ("no student has been promoted yet; run `python run_pipeline.py` "
                     "(or make run) until the gate passes")
+PROMOTION_LOCK_TIMEOUT_S = 600.0
+"""How long a promotion waits for another one to finish (a promotion takes seconds)."""
 
 
 class PromotionError(RuntimeError):
@@ -229,6 +243,64 @@ def restore_champion(registered_model: str, previous_version: str | None, *,
         client.delete_registered_model_alias(registered_model, CHAMPION_ALIAS)
     else:
         client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, previous_version)
+
+
+def promotion_lock_path(registered_model: str, tracking_uri: str | None) -> Path:
+    """The lock file that serialises promotions of ``registered_model``.
+
+    Beside the database for a SQLite tracking URI (every process that can write that
+    database can see the file); otherwise in the system temp directory, which serialises
+    the runs of one machine only: runs on several machines against one tracking server
+    need an orchestrator that runs one promotion at a time.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", registered_model)
+    name = f".kdpipe-promote-{safe}.lock"
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
+        return db.parent / name
+    return Path(tempfile.gettempdir()) / "kdpipe-locks" / name
+
+
+@contextlib.contextmanager
+def promotion_lock(registered_model: str, *, tracking_uri: str | None,
+                   timeout_s: float = PROMOTION_LOCK_TIMEOUT_S,
+                   poll_s: float = 0.2) -> Iterator[Path]:
+    """Hold the exclusive promotion lock of ``registered_model`` for the block.
+
+    An ``flock`` on :func:`promotion_lock_path`: the kernel releases it when the holder
+    exits, even on SIGKILL, so a crashed promotion never leaves a stale lock behind.
+
+    Args:
+        registered_model: the MLflow registered model being promoted.
+        tracking_uri: the tracking URI in use (decides where the lock file lives).
+        timeout_s: how long to wait for another process's promotion.
+        poll_s: how often to try again while waiting.
+
+    Yields:
+        The lock file's path.
+
+    Raises:
+        PromotionError: another process held the lock for more than ``timeout_s``.
+    """
+    path = promotion_lock_path(registered_model, tracking_uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise PromotionError(
+                        f"another process has been promoting {registered_model!r} for more "
+                        f"than {timeout_s:.0f} s (lock {path}); nothing was promoted. Wait for "
+                        "that pipeline run to finish, then re-run this one") from None
+                time.sleep(poll_s)
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def download_version(version: RegisteredVersion, dst: str | Path, *,
