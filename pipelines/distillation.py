@@ -28,7 +28,7 @@ from kdpipe.config import (
 from steps.distill_student import distill_student
 from steps.evaluate_models import evaluate_models
 from steps.export_onnx import export_onnx
-from steps.finetune_teacher import finetune_teacher
+from steps.finetune_teacher import finetune_teacher, production_teacher_version
 from steps.gate_student import gate_student
 from steps.ingest_data import ingest_data
 from steps.promote_student import promote_student
@@ -57,7 +57,8 @@ def distillation_pipeline(
                             prune=prune, export=export, evaluate=evaluate, gate=gate,
                             tracking=tracking)
     dataset = ingest_data(config=config)
-    teacher_model = finetune_teacher(dataset=dataset, teacher_cfg=teacher, tracking_cfg=tracking)
+    teacher_model = finetune_teacher(dataset=dataset, teacher_cfg=teacher, tracking_cfg=tracking,
+                                     warm_start_version=production_teacher_version(teacher))
     student_model = distill_student(dataset=dataset, teacher=teacher_model, student_cfg=student,
                                     distill_cfg=distill, tracking_cfg=tracking)
     pruned = prune_student(dataset=dataset, student=student_model, teacher=teacher_model,

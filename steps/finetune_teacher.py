@@ -5,10 +5,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 from typing import Annotated
+from uuid import UUID
 
-from zenml import Model, get_step_context, log_metadata, step
+from zenml import get_pipeline_context, get_step_context, log_metadata, step
+from zenml.client import Client
 from zenml.enums import ModelStages
 from zenml.logger import get_logger
+from zenml.models import ModelVersionFilter
 
 from kdpipe import plots, recipes, tracking
 from kdpipe.bundle import Bundle, save_bundle
@@ -23,18 +26,25 @@ logger = get_logger(__name__)
 
 @step(output_materializers=BundleMaterializer, retry=TRAINING_RETRY)
 def finetune_teacher(
-    dataset: DatasetSpec, teacher_cfg: TeacherConfig, tracking_cfg: TrackingConfig
+    dataset: DatasetSpec,
+    teacher_cfg: TeacherConfig,
+    tracking_cfg: TrackingConfig,
+    warm_start_version: str | None = None,
 ) -> Annotated[Bundle, "teacher"]:
     """Train the teacher with cross-entropy (:func:`kdpipe.recipes.train_teacher`).
 
     Per-epoch metrics go to MLflow as ``teacher/<name>``; the final ones as
     ``teacher/test_accuracy`` etc. With ``teacher.init: production`` the weights start
-    from the teacher of the model version now in production (when there is one).
+    from the teacher of the model version that was in production when the run was
+    compiled: the pipeline passes its id as ``warm_start_version``
+    (:func:`production_teacher_version`), which pins the weights for this run and makes
+    a newly promoted version part of the cache key (a cached teacher is not reused after
+    a promotion; unchanged data and production are still served from the cache).
 
     Every epoch is checkpointed (:mod:`steps.checkpoints`): a retry, or a re-run after
     the process was killed, resumes from the last finished epoch.
     """
-    teacher_cfg = _with_production_start(teacher_cfg)
+    teacher_cfg = _with_production_start(teacher_cfg, warm_start_version)
     identity = {"dataset": dataset.model_dump(mode="json"),
                 "model": model_identity(teacher_cfg.model),
                 "train": teacher_cfg.train.model_dump(mode="json")}
@@ -50,22 +60,58 @@ def finetune_teacher(
     return bundle
 
 
-def _with_production_start(cfg: TeacherConfig) -> TeacherConfig:
+def production_teacher_version(teacher_cfg: TeacherConfig) -> str | None:
+    """Id of the pipeline model's production version, when ``teacher.init: production``.
+
+    Called in the pipeline function (at compile time), so the id becomes a step input:
+    None for ``init: scratch`` (production changes must not retrain such a teacher) and
+    when there is no production version yet.
+    """
+    if teacher_cfg.init != "production":
+        return None
+    model = get_pipeline_context().model
+    if model is None:
+        return None
+    # Client methods called while a pipeline is being composed return lazy placeholders
+    # that ZenML resolves only when the step runs, too late for the cache key: ask the
+    # store directly, now.
+    client = Client()
+    try:
+        versions = client.zen_store.list_model_versions(
+            model_version_filter_model=ModelVersionFilter(
+                model=model.name, stage=ModelStages.PRODUCTION.value,
+                project=client.active_project.id)).items
+    except KeyError:  # the model does not exist yet
+        return None
+    return str(versions[0].id) if versions else None
+
+
+def _with_production_start(cfg: TeacherConfig, version_id: str | None) -> TeacherConfig:
     """Point ``cfg.model.checkpoint`` at the production teacher when ``init: production``.
 
     Without a production version (the very first run) the teacher starts from scratch,
-    which is what the first run of a scheduled retraining needs; the log says so.
+    which is what the first run of a scheduled retraining needs; the log and the step
+    metadata (``warm_start``) say so.
     """
     if cfg.init != "production":
         return cfg
-    model = get_step_context().model
-    try:
-        production = Model(name=model.name, version=ModelStages.PRODUCTION)
-        teacher: Bundle = production.load_artifact("teacher")
-    except (KeyError, RuntimeError) as err:
-        logger.warning("teacher.init is 'production' but model %r has no production version "
-                       "with a teacher (%s); training the teacher from scratch", model.name, err)
+    if version_id is None:
+        logger.warning("teacher.init is 'production' but model %r had no production version "
+                       "when this run started; training the teacher from scratch",
+                       get_step_context().model.name)
+        log_metadata(metadata={"warm_start": "none: no production version"})
         return cfg
+    version = Client().get_model_version(get_step_context().model.name, UUID(version_id))
+    try:
+        teacher: Bundle = version.get_artifact("teacher").load()
+    except (AttributeError, KeyError, RuntimeError) as err:
+        raise RuntimeError(
+            f"teacher.init is 'production' but production version {version.number} of model "
+            f"{version.model.name!r} has no loadable 'teacher' artifact ({err}); set "
+            "teacher.init: scratch, or promote a version made by this pipeline") from err
     local = save_bundle(teacher, Path(tempfile.mkdtemp(prefix="kdpipe-prod-teacher-")) / "bundle")
-    logger.info("warm-starting the teacher from production model version %s", production.version)
+    logger.info("warm-starting the teacher from production model version %s", version.number)
+    log_metadata(metadata={"warm_start": {"model_version": version.number,
+                                          "model_version_id": str(version.id),
+                                          "teacher_weights_sha256": teacher.spec.weights_sha256}})
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": str(local)})})
