@@ -58,11 +58,26 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     """
     raw = read_yaml(args.config)
     if args.pipeline == "distill":
-        load_config(args.config)  # every problem of `parameters:` at once, keys named
+        config = load_config(args.config)  # every problem of `parameters:` at once, keys named
+        _check_model_names(config, args.config)
     else:
         load_predict_config(args.config)
     _check_run_config_keys(raw, args.config)
     return raw
+
+
+def _check_model_names(config: Any, path: str) -> None:
+    """Architectures exist in the model registry (else the first training step would fail)."""
+    from kdpipe.models import MODELS
+    from kdpipe.registry import UnknownNameError
+
+    for role in ("teacher", "student"):
+        arch = getattr(config, role).model.arch
+        try:
+            MODELS.get(arch)
+        except UnknownNameError as err:
+            raise ConfigError(f"invalid configuration {path}:\n  parameters.{role}.model.arch: "
+                              f"{err}") from None
 
 
 def _check_run_config_keys(raw: dict[str, Any], path: str) -> None:

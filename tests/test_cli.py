@@ -43,6 +43,15 @@ def test_unknown_key_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert "parameters.distill.temprature: unknown key" in result.stderr
 
 
+def test_unknown_model_exits_2_listing_valid_names(tmp_path: Path) -> None:
+    path = write_config(tmp_path, lambda d: d["parameters"]["student"]["model"].update(arch="cnn_smal"))
+    result = run_cli("--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "parameters.student.model.arch: unknown model 'cnn_smal'" in result.stderr
+    assert "cnn_small" in result.stderr and "resnet20" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     result = run_cli("--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
