@@ -173,7 +173,8 @@ def register_onnx_model(
     except Exception as err:  # MlflowException, SQLAlchemy and HTTP errors alike
         raise PromotionError(
             f"could not register {path.name} as a new version of {registered_model!r} in the "
-            f"MLflow registry {redact_uri(mlflow.get_registry_uri())}: {err}. Nothing was "
+            f"MLflow registry {redact_uri(mlflow.get_registry_uri())}: "
+            f"{redact_uri(str(err))}. Nothing was "
             "promoted; check that the tracking database / server is reachable and writable"
         ) from err
     return _version_from(mv)
