@@ -268,6 +268,7 @@ def test_retrain_config_warm_starts_on_the_default_data_and_model() -> None:
     # Same data => same fingerprint => the schedule retrains only when the data changes.
     assert retrain.data == default.data
     assert retrain.tracking == default.tracking
+    assert retrain.prune == default.prune  # the retrained student is pruned like the first
     assert (
         _raw(RETRAIN)["model"]["name"] == _raw(ROOT / "configs" / "default.yaml")["model"]["name"]
     )
