@@ -182,7 +182,7 @@ def _promote(model: Any, onnx: ExportResult, pruned: Bundle, teacher: Bundle,
     version = register_onnx_model(
         onnx.path, name, input_shape=pruned.spec.input_shape, metadata=meta,
         tags={k: meta[k] for k in ("onnx_sha256", "zenml_model", "zenml_model_version")},
-        experiment=tracking_cfg.experiment)
+        experiment=tracking_cfg.experiment, tracking_uri=uri)
     previous_production = _current_production(model)
     try:
         previous_champion = set_champion(name, version.version, tracking_uri=uri)

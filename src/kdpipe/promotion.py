@@ -134,6 +134,7 @@ def register_onnx_model(
     metadata: Mapping[str, Any],
     tags: Mapping[str, str] | None = None,
     experiment: str = "kdpipe",
+    tracking_uri: str | None = None,
 ) -> RegisteredVersion:
     """Log ``onnx_path`` with the mlflow.onnx flavor as a new version of ``registered_model``.
 
@@ -150,6 +151,11 @@ def register_onnx_model(
             mean, std...); the predict pipeline reads ``classes`` and ``input_shape`` back.
         tags: set on the new model version.
         experiment: experiment of a new run when no run is active.
+        tracking_uri: the tracking store, also used as the registry (as everywhere in
+            kdpipe); default: MLflow's current tracking URI. Set explicitly because MLflow
+            would otherwise take ``$MLFLOW_REGISTRY_URI``, which ``mlflow.set_registry_uri``
+            exports to every child process: a stale value registered the version in one
+            store while :func:`set_champion` looked for it in another.
 
     Returns:
         The new version.
@@ -164,6 +170,7 @@ def register_onnx_model(
     path = Path(onnx_path)
     json.dumps(dict(metadata))  # fail here, not half-way through logging, on a bad value
     example = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)
+    mlflow.set_registry_uri(tracking_uri or mlflow.get_tracking_uri())
     try:
         with _run(mlflow, experiment):
             model_uri = log_onnx_model(path, name=MODEL_ARTIFACT_NAME, input_example=example,
