@@ -93,6 +93,28 @@ def _check_run_config_keys(raw: dict[str, Any], path: str) -> None:
 
 
 # ----------------------------------------------------------------------- running
+def init_zenml_store() -> None:
+    """Create (or open) the ZenML store under a file lock.
+
+    Two runs started at once on a machine without a ZenML store would both create and
+    migrate its database, and one fails ("database has never been migrated with
+    alembic"). The lock file sits in ZenML's config directory; once the store exists,
+    taking the lock costs nothing measurable.
+    """
+    import fcntl
+    from pathlib import Path
+
+    from zenml.utils.io_utils import get_global_config_directory
+
+    directory = Path(get_global_config_directory())
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".kdpipe-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        from zenml.client import Client
+
+        Client().active_stack_model  # noqa: B018 - creates and migrates the store
+
+
 def check_stack(config_path: str, raw: dict[str, Any]) -> None:
     """One message for the settings the active stack ignores; refuse what it cannot run.
 
@@ -257,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.stack_fit import StackMismatchError
 
     try:
+        init_zenml_store()
         check_stack(args.config, raw)
         pipeline = build_pipeline(args, raw)
     except (CronError, ScheduleNotSupportedError, StackMismatchError) as err:

@@ -189,3 +189,22 @@ def test_two_runs_at_once_leave_exactly_one_consistent_champion(tmp_path: Path) 
             assert "superseded" in tags
         else:
             assert "superseded" not in tags, name
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_runs_on_a_fresh_machine_both_get_past_store_creation(tmp_path: Path) -> None:
+    # No ZenML store and no MLflow database yet. --schedule makes both runs stop right
+    # after the store is used (the local orchestrator cannot schedule: exit 2), so the
+    # race on creating the store is all this test exercises.
+    env = {**os.environ, "ZENML_CONFIG_PATH": str(tmp_path / "zenml"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("ZENML_STORE_URL", None)
+    runs = [subprocess.Popen([sys.executable, "run_pipeline.py", "--config", "configs/smoke.yaml",
+                              "--schedule", "0 2 * * *"], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    for run, out in zip(runs, outputs, strict=True):
+        assert run.returncode == 2, out[-3000:]
+        assert "alembic" not in out, out[-3000:]
+        assert "cannot" in out.lower() and "schedul" in out.lower(), out[-3000:]
