@@ -1,6 +1,6 @@
 """Inference latency: the student in ONNX Runtime vs PyTorch eager, same process, same threads.
 
-The default student (``cnn_small`` on 1x28x28 MNIST digits) is exported with kdpipe's own
+The default student (the ``student`` arch of configs/default.yaml, on 1x28x28 MNIST digits) is exported with kdpipe's own
 exporter (:func:`kdpipe.export.export_onnx`: normalisation inside the graph, raw [0, 1]
 pixels in), and both runtimes are timed on the same raw-pixel batch at batch 1 and 64:
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import default_out, envelope, usable_cores, write_json
+from common import default_config, default_out, envelope, usable_cores, write_json
 
 from kdpipe.bundle import Bundle
 from kdpipe.config import ExportConfig
@@ -45,7 +45,7 @@ NAME = "inference"
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; ``--quick`` shrinks everything to a smoke test."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="cnn_small")
+    p.add_argument("--arch", default=default_config().student.model.arch)
     p.add_argument("--input-shape", type=int, nargs=3, default=[1, 28, 28], metavar=("C", "H", "W"))
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])

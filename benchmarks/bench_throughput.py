@@ -1,7 +1,7 @@
 """Training throughput: kdpipe's distillation loop vs a minimal hand-written PyTorch KD loop.
 
-Both loops train the same student (``cnn_small``) against the same frozen teacher
-(``cnn_large``, forwarded on every step), on the same DataLoader (kdpipe's
+Both loops train the same student (configs/default.yaml's) against the same frozen teacher
+(likewise, forwarded on every step), on the same DataLoader (kdpipe's
 ``make_loader`` over the mnist5k train split, batch 128), with AdamW at the same
 learning rate and the same loss ``(1 - α)·CE + α·T²·KL``. Weights are freshly
 initialised from the same seed for every measurement: throughput does not depend on
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import default_out, envelope, write_json
+from common import default_config, default_out, envelope, write_json
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -52,8 +52,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; ``--quick`` shrinks everything to a smoke test."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="mnist5k")
-    p.add_argument("--teacher", default="cnn_large")
-    p.add_argument("--student", default="cnn_small")
+    recipe = default_config()
+    p.add_argument("--teacher", default=recipe.teacher.model.arch)
+    p.add_argument("--student", default=recipe.student.model.arch)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--temperature", type=float, default=4.0)

@@ -27,10 +27,23 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 # Packages whose versions every result file records (absent ones are reported as such).
 DEFAULT_PACKAGES = ("kdpipe", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime",
                     "numpy", "zenml", "mlflow")
+
+
+def default_config() -> Any:
+    """configs/default.yaml's parameters as a ``PipelineConfig`` (kdpipe's defaults if absent).
+
+    Benchmarks take their recipe (student architecture, epochs, lr, T, alpha) from here so
+    they measure what ``make run`` runs instead of drifting from it. kdpipe is imported
+    lazily: gpu.py uses this module on a machine without kdpipe.
+    """
+    from kdpipe.config import PipelineConfig, load_config
+
+    return load_config(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else PipelineConfig()
 
 
 def cpu_model() -> str:

@@ -50,10 +50,12 @@ BENCHMARKS = (
               description="kdpipe's KD loop vs a plain PyTorch loop; logit caching"),
     Benchmark("inference", "bench_inference.py", timeout_s=300,
               description="ONNX Runtime vs PyTorch eager"),
-    Benchmark("prune", "bench_prune.py", args=("--no-candidates",),
-              quick_args=("--no-candidates", "--no-sweep", "--repeats", "5", "--rounds", "1"),
+    Benchmark("prune", "bench_prune.py",
+              quick_args=("--no-sweep", "--repeats", "5", "--rounds", "1"),
               timeout_s=900,
               description="pruned vs unpruned ONNX latency and MACs (bench_prune.py)"),
+    Benchmark("prune_accuracy", "prune_accuracy.py", timeout_s=900,
+              description="pruned + KD-recovered student vs the unpruned one (3 seeds)"),
     Benchmark("quality", "bench_quality.py", timeout_s=1800,
               description="teacher, student alone, KD, KD + features, DKD"),
     Benchmark("pipeline", "bench_pipeline.py", timeout_s=1200,
@@ -316,6 +318,34 @@ def render_inference(doc: dict[str, Any] | None, prune: dict[str, Any] | None,
     return "\n".join(out)
 
 
+def render_prune_accuracy(doc: dict[str, Any] | None, status: str | None) -> str:
+    """Accuracy of the pruned + KD-recovered student next to the unpruned one."""
+    out = ["### Accuracy after pruning (benchmarks/prune_accuracy.py)", ""]
+    if status:
+        return "\n".join([*out, status])
+    st, summ = doc["settings"], doc["results"]["summary"]
+    rows = [(f"teacher `{st.get('teacher', '?')}`", "", "", _acc(summ["teacher"]), ""),
+            (f"student `{st.get('student', '?')}`, distilled", f"{doc['results']['runs'][0]['student']['params']:,}",
+             f"{doc['results']['runs'][0]['student']['macs']:,}", _acc(summ["student"]), "")]
+    drops = {}
+    for name in st["settings"]:
+        s = summ[name]
+        cfg = st["settings"][name]
+        drops[name] = s["drop_vs_student_pp"]["mean"]
+        rows.append((f"pruned ({name}: ratio {cfg['ratio']:g}, round_to {cfg['round_to']}) + "
+                     f"{cfg['recovery']['epochs']} epochs KD recovery", f"{s['params']:,}", f"{s['macs']:,}",
+                     _acc(s["test_accuracy"]), f"{-drops[name]:+.2f} (worst seed {-s['drop_vs_student_pp']['max']:+.2f})"))
+    out += [f"The pipeline's own path (`kdpipe.recipes`: train the teacher, distil the student, prune "
+            f"with Torch-Pruning and recover by KD) on mnist5k with `{st['config'].split('/')[-1]}`, "
+            f"seeds {st['seeds']}: test accuracy (%) on the held-out test split, mean ± std.", "",
+            md_table(["model", "params", "MACs", "test acc. %", "vs unpruned (pp)"], rows, "lrrrr"), ""]
+    if "default" in drops:
+        out += [f"Goal: pruned within 1 point of the unpruned student — {_verdict(drops['default'] <= 1.0)} "
+                f"({-drops['default']:+.2f} pp).", ""]
+    out.append(_measured(doc))
+    return "\n".join(out)
+
+
 def _prune_sweep(prune: dict[str, Any]) -> list[str]:
     """The ratio x round_to sweep (bench_prune.py without --no-sweep), 1 thread."""
     families = prune.get("results", {}).get("families") or []
@@ -457,6 +487,13 @@ def render_headlines(results: dict[str, Any], run_info: dict[str, Any] | None) -
         for x in results["prune"]["rows"]:
             lines.append(f"- Pruned {x['model']}: {x['macs_ratio']:.2f}× fewer MACs → {x['speedup_b1']:.2f}× "
                          f"faster at batch 1, {x['speedup_b64']:.2f}× at batch 64 (ONNX Runtime).")
+    if _status("prune_accuracy", results, run_info) is None:
+        summ = results["prune_accuracy"]["results"]["summary"]
+        if "default" in summ:
+            lines.append(f"- Pruned + KD-recovered student: {_acc(summ['default']['test_accuracy'])} % vs "
+                         f"{_acc(summ['student'])} % unpruned "
+                         f"({-summ['default']['drop_vs_student_pp']['mean']:+.2f} pp, goal ≥ -1: "
+                         f"{_verdict(summ['default']['drop_vs_student_pp']['mean'] <= 1.0)}).")
     if _status("pipeline", results, run_info) is None:
         r = results["pipeline"]["results"]
         lines.append(f"- Pipeline (`{results['pipeline']['settings']['config']}`): cold {r['cold']['wall_seconds']:.0f} s, "
@@ -483,6 +520,7 @@ def render_report(results: dict[str, Any], run_info: dict[str, Any] | None, quic
              section("throughput", render_throughput),
              render_inference(results.get("inference"), results.get("prune"),
                               _status("inference", results, run_info), _status("prune", results, run_info)),
+             render_prune_accuracy(results.get("prune_accuracy"), _status("prune_accuracy", results, run_info)),
              section("pipeline", render_pipeline),
              render_gpu(results.get("gpu")),
              render_repro()]

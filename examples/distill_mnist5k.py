@@ -1,4 +1,4 @@
-"""Distil a cnn_large teacher into a cnn_small student on mnist5k with the core only.
+"""Distil the default teacher into the default student on mnist5k, with the core only.
 
 No ZenML, no MLflow: the data spec, the model registry and the one training loop.
 Hyper-parameters come from a run-configuration YAML's ``parameters:`` section

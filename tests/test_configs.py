@@ -53,7 +53,7 @@ def test_distill_configs_name_a_zenml_model(path: Path) -> None:
 def test_default_config_is_the_cpu_mnist_run() -> None:
     cfg = load_config(CONFIGS[0].parent / "default.yaml")
     assert cfg.data.source == "mnist5k"
-    assert (cfg.teacher.model.arch, cfg.student.model.arch) == ("cnn_large", "cnn_small")
+    assert (cfg.teacher.model.arch, cfg.student.model.arch) == ("cnn_large", "cnn_medium")
     assert cfg.prune.enabled and cfg.data.download is False
 
 

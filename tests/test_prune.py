@@ -110,6 +110,37 @@ def test_round_to_keeps_multiples_and_never_empties_a_layer(
     assert all(c % round_to == 0 for c in convs), convs
 
 
+def test_default_config_prunes_the_default_student_onto_cpu_blocks(caplog: pytest.LogCaptureFixture) -> None:
+    """configs/default.yaml's prune section on its student: whole 16-channel blocks, >= 1.8x MACs.
+
+    Counts off a multiple of 16 fall out of ONNX Runtime's AVX-512 conv layout and the
+    pruned model is then barely faster (benchmarks/bench_prune.py): this guards the default.
+    """
+    from kdpipe.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    arch = cfg.student.model.arch
+    model = create_model(arch, 10, 1, **cfg.student.model.kwargs).eval()
+    dense_macs = count_macs(model, (1, 28, 28))
+    with caplog.at_level("WARNING", logger="kdpipe.prune"):
+        prune_model(model, torch.zeros(1, 1, 28, 28), cfg.prune, latency_repeats=3)
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c % 16 == 0 for c in convs), convs
+    assert dense_macs / count_macs(model, (1, 28, 28)) >= 1.8
+    assert "not multiples of 16" not in caplog.text
+
+
+def test_channel_counts_off_the_cpu_block_warn(caplog: pytest.LogCaptureFixture) -> None:
+    model = _model("cnn_medium")
+    with caplog.at_level("WARNING", logger="kdpipe.prune"):
+        _prune(model, _shape("cnn_medium"), ratio=0.3)  # 16/32/64 -> 11/22/44
+    assert "not multiples of 16" in caplog.text and "prune.round_to: 16" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kdpipe.prune"):
+        _prune(_model("cnn_medium"), _shape("cnn_medium"), ratio=0.5, round_to=16)
+    assert "not multiples of 16" not in caplog.text
+
+
 def test_round_to_with_iterative_steps_reaches_the_same_layout() -> None:
     one, two = _model("resnet20"), _model("resnet20")
     _prune(one, _shape("resnet20"), ratio=0.3, round_to=8)

@@ -469,6 +469,7 @@ def prune_model(
         )
     model.train(was_training)
     channels_after = _out_channels(model)
+    _warn_off_block(model, channels_before, channels_after)
     return PruneReport(
         config=cfg.model_dump(mode="json"),
         before=before,
@@ -479,6 +480,29 @@ def prune_model(
             n: (c, channels_after[n]) for n, c in channels_before.items() if channels_after[n] != c
         },
     )
+
+
+CPU_CHANNEL_BLOCK = 16
+"""Channels per block of ONNX Runtime's CPU conv kernels (MLAS NCHWc) on AVX-512; 8 on AVX2."""
+
+
+def _warn_off_block(model: nn.Module, before: dict[str, int], after: dict[str, int]) -> None:
+    """Warn when pruning left a conv's channel count off a multiple of the CPU block.
+
+    ONNX Runtime then falls back to slower kernels and inserts layout reorders around
+    that conv: fewer MACs, but little or no measured speed-up ("pruned but not faster").
+    """
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    off = {n: c for n, c in after.items()
+           if n in convs and c != before[n] and c % CPU_CHANNEL_BLOCK}
+    if off:
+        sample = ", ".join(f"{n}={c}" for n, c in list(off.items())[:4])
+        log.warning(
+            "%d pruned conv(s) have channel counts that are not multiples of %d (%s%s): ONNX "
+            "Runtime on CPU runs those in slower layouts, so the pruned model may not be faster "
+            "than its MACs suggest; set prune.round_to: %d",
+            len(off), CPU_CHANNEL_BLOCK, sample, ", ..." if len(off) > 4 else "",
+            CPU_CHANNEL_BLOCK)
 
 
 # -------------------------------------------------------------- pipeline wiring
