@@ -127,18 +127,19 @@ def test_default_config_prunes_the_default_student_onto_cpu_blocks(caplog: pytes
     convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(c % 16 == 0 for c in convs), convs
     assert dense_macs / count_macs(model, (1, 28, 28)) >= 1.8
-    assert "not multiples of 16" not in caplog.text
+    assert "not multiples of 8" not in caplog.text
 
 
 def test_channel_counts_off_the_cpu_block_warn(caplog: pytest.LogCaptureFixture) -> None:
     model = _model("cnn_medium")
     with caplog.at_level("WARNING", logger="kdpipe.prune"):
         _prune(model, _shape("cnn_medium"), ratio=0.3)  # 16/32/64 -> 11/22/44
-    assert "not multiples of 16" in caplog.text and "prune.round_to: 16" in caplog.text
+    assert "not multiples of 8" in caplog.text and "prune.round_to: 16" in caplog.text
+    assert "features.stage2.conv1.conv=22" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="kdpipe.prune"):
         _prune(_model("cnn_medium"), _shape("cnn_medium"), ratio=0.5, round_to=16)
-    assert "not multiples of 16" not in caplog.text
+    assert "not multiples of 8" not in caplog.text
 
 
 def test_round_to_with_iterative_steps_reaches_the_same_layout() -> None:
