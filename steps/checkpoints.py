@@ -100,7 +100,7 @@ class TrainingCheckpoint:
     """The directory a step hands to a recipe as ``checkpoint_dir``.
 
     Attributes:
-        directory: where ``last.pt`` is written.
+        directory: where ``last.pt`` is written (by prune_student, in ``step<k>/`` below it).
         resuming: a ``last.pt`` from an interrupted attempt was there when the step began
             (``fit`` still checks that it matches before resuming from it).
         shared: False when another live process held the stable directory and this one
@@ -139,7 +139,9 @@ def training_checkpoint(step_name: str, identity: dict[str, Any]) -> Iterator[Tr
             directory, shared = base / f"{key}-pid{os.getpid()}", False
             logger.warning("%s: another process is training the same inputs into %s; this one "
                            "checkpoints into %s instead", step_name, base / key, directory)
-        ckpt = TrainingCheckpoint(directory, (directory / CHECKPOINT_NAME).is_file(), shared)
+        # prune_student keeps one sub-directory per recovery: look below the top level too.
+        resuming = directory.is_dir() and any(directory.rglob(CHECKPOINT_NAME))
+        ckpt = TrainingCheckpoint(directory, resuming, shared)
         if ckpt.resuming:
             logger.info("%s: found the checkpoint of an interrupted attempt in %s; training "
                         "resumes from it", step_name, directory)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from zenml import step
+from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 from kdpipe import plots, recipes, tracking
 from kdpipe.bundle import Bundle
 from kdpipe.config import DistillConfig, PruneConfig, TrackingConfig
 from kdpipe.data import DatasetSpec
-from steps.checkpoints import TRAINING_RETRY
+from steps.checkpoints import TRAINING_RETRY, training_checkpoint
 from steps.materializers import BundleMaterializer
 from steps.tracking_context import mlflow_run
 
@@ -32,12 +32,20 @@ def prune_student(
     Recovery epochs go to MLflow as ``recovery/<name>``; the before/after numbers as
     ``prune/params_ratio``, ``prune/macs_ratio``...
 
-    Retried like the other training steps; a retry starts the pruning over
-    (:func:`kdpipe.recipes.prune_student` takes no checkpoint directory yet).
+    Every recovery epoch is checkpointed (:mod:`steps.checkpoints`): a retry, or a re-run
+    after the process was killed, prunes the same channels again (seconds) and resumes the
+    recovery from its last finished epoch.
     """
-    with mlflow_run(tracking_cfg):
+    identity = {"dataset": dataset.model_dump(mode="json"),
+                "student_weights": student.spec.weights_sha256,
+                "teacher_weights": teacher.spec.weights_sha256,
+                "prune": prune_cfg.model_dump(mode="json"),
+                "distill": distill_cfg.model_dump(mode="json")}
+    with mlflow_run(tracking_cfg), training_checkpoint("prune_student", identity) as ckpt:
+        log_metadata(metadata=ckpt.metadata())
         bundle, report = recipes.prune_student(student, teacher, dataset, prune_cfg, distill_cfg,
-                                               callbacks=[tracking.epoch_logger("recovery")])
+                                               callbacks=[tracking.epoch_logger("recovery")],
+                                               checkpoint_dir=ckpt.directory)
         tracking.log_metrics(recipes.bundle_metrics(bundle), "pruned_student")
         if report is not None:
             tracking.log_metrics({"params_ratio": report.params_ratio, "macs_ratio": report.macs_ratio,

@@ -3,6 +3,8 @@
 * fast: what keys a step's checkpoint directory (steps/checkpoints.py), its life cycle
   (kept on failure, removed on success, private when another process holds it), and the
   retry settings the training steps carry;
+* fast: ``recipes.prune_student`` interrupted in its second recovery resumes it and ends
+  bit-identical to an uninterrupted run;
 * slow: a retried ``finetune_teacher`` resumes from its checkpoint in the same process;
   a real ``run_pipeline.py`` killed with SIGKILL during the teacher's training and run
   again resumes from the last finished epoch and produces a teacher bit-identical (CPU,
@@ -204,6 +206,53 @@ def test_retried_teacher_step_resumes_from_its_checkpoint(
     assert step.run_metadata["resumed_from_checkpoint"] is True
     # Finished: the checkpoint directory is gone (the lock file stays).
     assert [p.suffix for p in (ckpt_root / "finetune_teacher").iterdir()] == [".lock"]
+
+
+def test_interrupted_pruning_recovery_resumes_bit_identically(tmp_path: Path) -> None:
+    """recipes.prune_student with a checkpoint_dir: a failure in recovery 2 of 2 loses nothing.
+
+    The second call prunes the same channels again, finds recovery 1 complete, resumes
+    recovery 2 after its first epoch, and ends with the weights and history of a run that
+    was never interrupted.
+    """
+    from kdpipe.bundle import Bundle
+    from kdpipe.config import DataConfig, DistillConfig, PruneConfig, TrainConfig
+    from kdpipe.data import build_dataset_spec
+    from kdpipe.models import create_model
+    from kdpipe.recipes import prune_student
+
+    spec = build_dataset_spec(DataConfig(source="digits", batch_size=128))
+
+    def bundle(arch: str, seed: int) -> Bundle:
+        torch.manual_seed(seed)
+        return Bundle.from_model(create_model(arch, 10, spec.input_shape[0]).eval(), arch=arch,
+                                 classes=spec.classes, input_shape=spec.input_shape,
+                                 mean=spec.mean, std=spec.std)
+
+    student, teacher = bundle("cnn_tiny", 0), bundle("cnn_tiny", 1)
+    cfg = PruneConfig(ratio=0.5, iterative_steps=2,
+                      recovery=TrainConfig(epochs=2, lr=0.01, scheduler="none", device="cpu", seed=4))
+    seen: list[tuple[int, int]] = []
+
+    def failing(epoch: int, row: dict[str, float]) -> None:  # recovery epochs run 1..4
+        seen.append((1, epoch))
+        if epoch == 3:
+            raise RuntimeError("injected failure in recovery 2, epoch 1")
+
+    ckpt = tmp_path / "prune"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        prune_student(student, teacher, spec, cfg, DistillConfig(), callbacks=[failing], checkpoint_dir=ckpt)
+    assert sorted(p.parent.name for p in ckpt.rglob(CHECKPOINT_NAME)) == ["step1", "step2"]
+    resumed, _ = prune_student(student, teacher, spec, cfg, DistillConfig(), checkpoint_dir=ckpt,
+                               callbacks=[lambda epoch, row: seen.append((2, epoch))])
+    assert seen == [(1, 1), (1, 2), (1, 3), (2, 4)]  # attempt 2 trained only the last epoch
+    reference, _ = prune_student(student, teacher, spec, cfg, DistillConfig())
+    assert resumed.spec.weights_sha256 == reference.spec.weights_sha256
+
+    def history(b: Bundle) -> list[tuple[int, int, float]]:
+        return [(r["epoch"], r["prune_step"], r["train_loss"]) for r in b.spec.extra["history"]]
+    assert history(resumed) == history(reference)
+    assert [e for e, _, _ in history(resumed)] == [1, 2, 3, 4]
 
 
 # ------------------------------------------------------ slow: SIGKILL of a real pipeline

@@ -131,6 +131,7 @@ def prune_student(
     distill_cfg: DistillConfig,
     *,
     callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
 ) -> tuple[Bundle, PruneReport | None]:
     """Structurally prune a copy of the student, distilling it back after every step.
 
@@ -140,6 +141,12 @@ def prune_student(
     log them as one curve. With ``prune_cfg.enabled`` false the student is handed on
     unpruned (``report`` is None), re-labelled ``pruned_student`` so consumers need no
     special case.
+
+    With ``checkpoint_dir``, recovery k checkpoints every epoch into
+    ``checkpoint_dir/step<k>``. A second call with the same inputs prunes the same
+    channels again (pruning is deterministic for every importance but ``random``), finds
+    the finished recoveries complete and resumes the interrupted one from its last epoch.
+    A checkpoint whose model shapes no longer match is ignored (see :func:`kdpipe.train.fit`).
 
     Returns:
         The pruned bundle (test metrics re-measured; the input bundles are untouched) and
@@ -175,12 +182,17 @@ def prune_student(
 
             # A fresh task per step: a feature-loss regressor must match the new channel counts.
             desc = f"recovery {step + 1}/{prune_cfg.iterative_steps}"
+            step_dir = None if checkpoint_dir is None else Path(checkpoint_dir) / f"step{step + 1}"
             if launch:
-                _fit_distributed(m, student.spec, teacher, distill_cfg, dataset, rec,
-                                 callbacks=[relabel], checkpoint_dir=None, desc=desc)
+                result = _fit_distributed(m, student.spec, teacher, distill_cfg, dataset, rec,
+                                          callbacks=[relabel], checkpoint_dir=step_dir, desc=desc)
             else:
-                fit(m, DistillationTask(teacher.model, distill_cfg), train_loader, val_loader, rec,
-                    callbacks=[relabel], desc=desc)
+                result = fit(m, DistillationTask(teacher.model, distill_cfg), train_loader, val_loader,
+                             rec, callbacks=[relabel], checkpoint_dir=step_dir, desc=desc)
+            # Epochs restored from a checkpoint ran in an earlier attempt: no callback saw
+            # them this time, but the history must still hold them, in order.
+            history[offset:offset] = [{**row, "epoch": offset + row["epoch"], "prune_step": step + 1}
+                                      for row in result.history[:result.resumed_from]]
             m.cpu()
 
         def taylor_loss(m: nn.Module) -> torch.Tensor:
