@@ -192,7 +192,7 @@ def prune_student(
             # Epochs restored from a checkpoint ran in an earlier attempt: no callback saw
             # them this time, but the history must still hold them, in order.
             history[offset:offset] = [{**row, "epoch": offset + row["epoch"], "prune_step": step + 1}
-                                      for row in result.history[:result.resumed_from]]
+                                      for row in result.history[:result.resumed_from_epoch]]
             m.cpu()
 
         def taylor_loss(m: nn.Module) -> torch.Tensor:
