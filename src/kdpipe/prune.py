@@ -482,8 +482,8 @@ def prune_model(
     )
 
 
-CPU_CHANNEL_BLOCKS = (8, 16)
-"""Channels per block of ONNX Runtime's CPU conv kernels (MLAS NCHWc): 8 on AVX2, 16 on AVX-512."""
+CPU_CHANNEL_BLOCK = 8
+"""Channels per block of ONNX Runtime's CPU conv kernels (MLAS NCHWc) on AVX2; 16 on AVX-512."""
 
 
 def _warn_off_block(model: nn.Module, before: dict[str, int], after: dict[str, int]) -> None:
@@ -496,7 +496,7 @@ def _warn_off_block(model: nn.Module, before: dict[str, int], after: dict[str, i
     """
     convs = {n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
     off = {n: c for n, c in after.items()
-           if n in convs and c != before[n] and c % CPU_CHANNEL_BLOCKS[0]}
+           if n in convs and c != before[n] and c % CPU_CHANNEL_BLOCK}
     if off:
         sample = ", ".join(f"{n}={c}" for n, c in list(off.items())[:4])
         log.warning(
