@@ -100,6 +100,19 @@ def test_directory_is_kept_on_failure_and_removed_on_success(ckpt_root: Path) ->
     assert not ckpt.directory.exists()
 
 
+def test_a_recovery_checkpoint_below_the_directory_counts_as_resuming(ckpt_root: Path) -> None:
+    identity = {"prune": {"iterative_steps": 2}}
+    with pytest.raises(RuntimeError, match="killed"):
+        with training_checkpoint("prune_student", identity) as ckpt:
+            (ckpt.directory / "step2").mkdir(parents=True)
+            (ckpt.directory / "step2" / CHECKPOINT_NAME).write_bytes(b"epoch 1")
+            raise RuntimeError("killed in recovery 2")
+    with training_checkpoint("prune_student", identity) as again:
+        assert again.resuming is True
+    with training_checkpoint("prune_student", identity) as fresh:  # removed on success
+        assert fresh.resuming is False
+
+
 def test_a_concurrent_holder_gets_a_private_directory(ckpt_root: Path) -> None:
     identity = {"train": {"epochs": 3}}
     with training_checkpoint("distill_student", identity) as first:
