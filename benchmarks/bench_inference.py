@@ -1,8 +1,9 @@
 """Inference latency: the student in ONNX Runtime vs PyTorch eager, same process, same threads.
 
-The default student (the ``student`` arch of configs/default.yaml, on 1x28x28 MNIST digits) is exported with kdpipe's own
-exporter (:func:`kdpipe.export.export_onnx`: normalisation inside the graph, raw [0, 1]
-pixels in), and both runtimes are timed on the same raw-pixel batch at batch 1 and 64:
+The default student (the ``student`` arch of configs/default.yaml, on 1x28x28 MNIST
+digits) is exported with kdpipe's own exporter (:func:`kdpipe.export.export_onnx`:
+normalisation inside the graph, raw [0, 1] pixels in), and both runtimes are timed on
+the same raw-pixel batch at batch 1 and 64:
 
 * PyTorch eager: the same graph as a module (:func:`kdpipe.export.with_preprocessing`)
   under ``torch.inference_mode()``, ``torch.set_num_threads(threads)``.
