@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from kdpipe import distributed, metrics
 from kdpipe.config import TrainConfig
+from kdpipe.optim import build_optimizer, lr_factor
 from kdpipe.tasks import ClassificationTask, DistillationTask, Task, describe_task
 
 __all__ = [
@@ -192,39 +193,6 @@ def _set_loader_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
     if callable(reseed):
         # rank 0 (and a single process) keeps the historical stream; other ranks differ.
         reseed(seed * 1_000_003 + epoch + 7_919 * distributed.rank())
-
-
-# ------------------------------------------------------- optimiser and schedule
-def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, no Nesterov) or AdamW; no weight decay on biases and norm scales (1-D)."""
-    params = [p for p in params if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of ``cfg.lr`` at the 0-based optimiser ``step``.
-
-    Warm-up is linear per iteration, reaching 1 at the end of ``warmup_epochs``. Cosine
-    decays over the remaining steps towards 0; ``step`` multiplies by ``step_gamma`` once
-    per milestone ``m`` from (1-based) epoch ``m + 1`` on, as ``MultiStepLR`` would.
-    """
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.scheduler == "cosine":
-        progress = (step - warmup) / max(1, cfg.epochs * steps_per_epoch - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if cfg.scheduler == "step":
-        epoch = step // steps_per_epoch
-        return cfg.step_gamma ** sum(m <= epoch for m in cfg.step_milestones)
-    return 1.0
 
 
 @dataclass
