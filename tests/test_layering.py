@@ -19,6 +19,28 @@ MAX_FUNCTION_LINES = 60
 # that config validates with and tracking redacts with).
 BOTTOM = {"kdpipe.config": {"kdpipe.uris"}, "kdpipe.registry": set(), "kdpipe.uris": set()}
 
+# Known debt (issue 13), measured at c2909ba. Each entry must disappear, never grow: the
+# tests below fail on any cycle, oversize module or long function NOT listed here, on a
+# listed module that has grown past its recorded size, and on an entry that is no longer
+# needed (so the list only shrinks). The edges are the imports that close today's cycles.
+KNOWN_CYCLE_EDGES = {
+    ("kdpipe.models", "kdpipe.bundle"),        # build_model loads a checkpoint bundle
+    ("kdpipe.distributed", "kdpipe.recipes"),  # the worker calls back into the recipes
+    ("kdpipe.distributed", "kdpipe.train"),    # process_device / TrainResult
+    ("kdpipe.prune", "kdpipe.train"),          # prune_and_recover duplicates prune_student
+}
+# config -> tracking: format_validation_error redacts URIs with tracking's helper (not a
+# cycle, but the bottom layer importing a higher one).
+KNOWN_UPWARD_IMPORTS = {("kdpipe.config", "kdpipe.tracking")}
+KNOWN_LARGE_MODULES = {  # module file -> lines at c2909ba
+    "distributed.py": 674, "models.py": 637, "train.py": 587, "prune.py": 565, "data.py": 501,
+    "config.py": 487, "bundle.py": 466, "evaluation.py": 456, "tracking.py": 419,
+}
+KNOWN_LONG_FUNCTIONS = {  # module file -> its functions over the limit
+    "evaluation.py": {"evaluate_models"}, "export.py": {"export_onnx"},
+    "prune.py": {"prune_model"}, "recipes.py": {"prune_student"}, "train.py": {"fit"},
+}
+
 
 def _imported_roots(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -105,8 +127,33 @@ def test_core_never_imports_zenml() -> None:
 
 
 def test_no_import_cycle_in_the_core() -> None:
-    cycle = find_cycle(import_graph())
+    graph = import_graph()
+    stale = {e for e in KNOWN_CYCLE_EDGES if e[1] not in graph.get(e[0], set())}
+    assert not stale, f"remove these from KNOWN_CYCLE_EDGES, they are gone: {sorted(stale)}"
+    for a, b in KNOWN_CYCLE_EDGES:
+        graph[a] = graph[a] - {b}
+    cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node == goal:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph.get(node, ()))
+    return False
+
+
+def test_known_cycle_edges_still_close_a_cycle() -> None:
+    """A listed edge is debt only while it closes a cycle; one that doesn't must leave the list."""
+    graph = import_graph()
+    for a, b in KNOWN_CYCLE_EDGES:
+        if b in graph.get(a, set()):
+            assert _reaches(graph, b, a), f"{a} -> {b} closes no cycle now: drop it from KNOWN_CYCLE_EDGES"
 
 
 def test_config_and_registry_are_the_bottom_layer() -> None:
@@ -114,14 +161,21 @@ def test_config_and_registry_are_the_bottom_layer() -> None:
     for module, allowed in BOTTOM.items():
         if module not in graph:  # kdpipe.uris until it exists
             continue
+        allowed = allowed | {b for a, b in KNOWN_UPWARD_IMPORTS if a == module}
         assert graph[module] <= allowed, f"{module} imports {sorted(graph[module] - allowed)}"
 
 
 @pytest.mark.parametrize("path", sorted(CORE.rglob("*.py")), ids=lambda p: p.name)
 def test_core_module_is_small(path: Path) -> None:
     lines = len(path.read_text().splitlines())
-    assert lines <= MAX_MODULE_LINES, f"{path.name}: {lines} lines (limit {MAX_MODULE_LINES}); split it"
-    assert long_functions(path) == [], f"{path.name}: functions over {MAX_FUNCTION_LINES} lines"
+    limit = KNOWN_LARGE_MODULES.get(path.name, MAX_MODULE_LINES)
+    assert lines <= limit, f"{path.name}: {lines} lines (limit {limit}); split it"
+    if path.name in KNOWN_LARGE_MODULES:
+        assert lines > MAX_MODULE_LINES, f"{path.name} is small now: drop it from KNOWN_LARGE_MODULES"
+    long = {f.split(" ")[0] for f in long_functions(path)}
+    known = KNOWN_LONG_FUNCTIONS.get(path.name, set())
+    assert long <= known, f"{path.name}: functions over {MAX_FUNCTION_LINES} lines: {sorted(long - known)}"
+    assert known <= long, f"{path.name}: drop {sorted(known - long)} from KNOWN_LONG_FUNCTIONS"
 
 
 # ---------------------------------------------------- the detectors can fail
