@@ -36,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 import kdpipe
+from kdpipe.models import create_model
+from kdpipe.registry import UnknownNameError
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -250,9 +252,6 @@ def _weights_bytes(model: nn.Module) -> bytes:
 
 
 def _fresh_model(arch: str, num_classes: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
-    from kdpipe.models import create_model
-    from kdpipe.registry import UnknownNameError
-
     try:
         return create_model(arch, num_classes, in_channels, **kwargs)
     except UnknownNameError as err:
