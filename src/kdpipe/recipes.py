@@ -44,7 +44,7 @@ from kdpipe.config import (
 )
 from kdpipe.data import DatasetSpec, make_loader
 from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
-from kdpipe.models import build_model
+from kdpipe.build import build_model
 from kdpipe.train import (
     Callback,
     ClassificationTask,
