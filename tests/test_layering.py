@@ -24,7 +24,6 @@ BOTTOM = {"kdpipe.config": {"kdpipe.uris"}, "kdpipe.registry": set(), "kdpipe.ur
 # listed module that has grown past its recorded size, and on an entry that is no longer
 # needed (so the list only shrinks). The edges are the imports that close today's cycles.
 KNOWN_CYCLE_EDGES = {
-    ("kdpipe.models", "kdpipe.bundle"),        # build_model loads a checkpoint bundle
     ("kdpipe.distributed", "kdpipe.recipes"),  # the worker calls back into the recipes
     ("kdpipe.distributed", "kdpipe.train"),    # process_device / TrainResult
     ("kdpipe.prune", "kdpipe.train"),          # prune_and_recover duplicates prune_student
@@ -33,7 +32,7 @@ KNOWN_CYCLE_EDGES = {
 # cycle, but the bottom layer importing a higher one).
 KNOWN_UPWARD_IMPORTS = {("kdpipe.config", "kdpipe.tracking")}
 KNOWN_LARGE_MODULES = {  # module file -> lines at c2909ba
-    "distributed.py": 674, "models.py": 637, "train.py": 587, "prune.py": 565, "data.py": 501,
+    "distributed.py": 674, "train.py": 587, "prune.py": 565, "data.py": 501,
     "config.py": 487, "bundle.py": 466, "evaluation.py": 456, "tracking.py": 419,
 }
 KNOWN_LONG_FUNCTIONS = {  # module file -> its functions over the limit

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from kdpipe import distributed
+from kdpipe.build import build_model
 from kdpipe.bundle import Bundle
 from kdpipe.config import (
     DistillConfig,
@@ -44,7 +45,6 @@ from kdpipe.config import (
 )
 from kdpipe.data import DatasetSpec, make_loader
 from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
-from kdpipe.build import build_model
 from kdpipe.train import (
     Callback,
     ClassificationTask,
