@@ -15,8 +15,8 @@ import pytest
 CORE = Path(__file__).resolve().parents[1] / "src" / "kdpipe"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
-# The bottom layer and the only kdpipe modules each may import (uris: URI/path rules
-# that config validates with and tracking redacts with).
+# The bottom layer and the only kdpipe modules each may import (uris, planned in issue 13:
+# the URI/path rules that config validates with and tracking redacts with; skipped until it exists).
 BOTTOM = {"kdpipe.config": {"kdpipe.uris"}, "kdpipe.registry": set(), "kdpipe.uris": set()}
 
 # Known debt (issue 13), measured at c2909ba. Each entry must disappear, never grow: the
@@ -29,7 +29,8 @@ KNOWN_CYCLE_EDGES = {
     ("kdpipe.prune", "kdpipe.train"),          # prune_and_recover duplicates prune_student
 }
 # config -> tracking: format_validation_error redacts URIs with tracking's helper (not a
-# cycle, but the bottom layer importing a higher one).
+# cycle, but the bottom layer importing a higher one). Unlike the lists above, this one is
+# not checked for stale entries: delete it when config stops importing tracking.
 KNOWN_UPWARD_IMPORTS = {("kdpipe.config", "kdpipe.tracking")}
 KNOWN_LARGE_MODULES = {  # module file -> lines at c2909ba
     "distributed.py": 674, "train.py": 587, "prune.py": 565, "data.py": 501,
