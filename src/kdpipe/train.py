@@ -6,9 +6,8 @@ What is trained is a :class:`~kdpipe.tasks.Task` (:class:`ClassificationTask`,
 
 Schedule: the learning rate is a pure function of the optimiser step
 (:func:`kdpipe.optim.lr_factor`; kdpipe.optim's registries hold the optimisers and
-schedules): linear warm-up *per iteration* over ``warmup_epochs``, then cosine decay to
-zero, step decay at epoch milestones, or constant. Being stateless, it needs nothing in a
-checkpoint but the epoch.
+schedules): linear warm-up *per iteration* over ``warmup_epochs``, then cosine, step or
+constant. Being stateless, it needs nothing in a checkpoint but the epoch.
 
 Reproducibility: a fresh :func:`fit` seeds python, numpy, torch and the train loader's
 shuffling generator with ``cfg.seed``, so the same seed and config give the same metrics
