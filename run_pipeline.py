@@ -21,7 +21,8 @@ import sys
 import traceback
 from typing import Any
 
-from kdpipe.config import ConfigError, load_config, load_predict_config, read_yaml
+from kdpipe.config import ConfigError
+from kdpipe.configfile import load_config, load_predict_config, read_yaml
 
 DEFAULT_CONFIG = "configs/default.yaml"
 EXIT_STEP_FAILED = 1

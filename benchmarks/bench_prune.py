@@ -48,7 +48,8 @@ from common import REPO_ROOT, envelope, load_average, write_json
 from onnx import TensorProto, helper
 
 from kdpipe.bundle import Bundle
-from kdpipe.config import ConfigError, ExportConfig, PruneConfig, load_config
+from kdpipe.config import ConfigError, ExportConfig, PruneConfig
+from kdpipe.configfile import load_config
 from kdpipe.export import export_onnx, with_preprocessing
 from kdpipe.metrics import count_macs, count_params
 from kdpipe.models import create_model

@@ -41,7 +41,8 @@ def default_config() -> Any:
     they measure what ``make run`` runs instead of drifting from it. kdpipe is imported
     lazily: gpu.py uses this module on a machine without kdpipe.
     """
-    from kdpipe.config import PipelineConfig, load_config
+    from kdpipe.config import PipelineConfig
+    from kdpipe.configfile import load_config
 
     return load_config(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else PipelineConfig()
 

@@ -31,7 +31,8 @@ from typing import Any
 
 from common import REPO_ROOT, envelope, load_average, mean_std, write_json
 
-from kdpipe.config import PipelineConfig, PruneConfig, load_config
+from kdpipe.config import PipelineConfig, PruneConfig
+from kdpipe.configfile import load_config
 from kdpipe.data import build_dataset_spec
 from kdpipe.recipes import bundle_metrics, distill_student, prune_student, train_teacher
 

@@ -435,7 +435,7 @@ def render_gpu(doc: dict[str, Any] | None) -> str:
 def render_repro() -> str:
     """The CIFAR-100 reproduction recipe (not run here)."""
     try:
-        from kdpipe.config import load_config
+        from kdpipe.configfile import load_config
 
         cfg = load_config(REPO_ROOT / "configs" / "cifar100_repro.yaml")
         t = cfg.student.train

@@ -14,7 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from kdpipe.config import DataConfig, PipelineConfig, load_config
+from kdpipe.config import DataConfig, PipelineConfig
+from kdpipe.configfile import load_config
 from kdpipe.data import build_dataset_spec, make_loader
 from kdpipe.metrics import count_params
 from kdpipe.models import create_model

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from zenml import pipeline
 
-from kdpipe.config import PredictConfig, TrackingConfig, load_predict_config
+from kdpipe.config import PredictConfig, TrackingConfig
+from kdpipe.configfile import load_predict_config
 from steps.load_champion import load_champion
 from steps.predict_batch import predict_batch
 

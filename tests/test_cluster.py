@@ -34,7 +34,8 @@ from zenml.integrations.mlflow.flavors.mlflow_experiment_tracker_flavor import (
     MLFlowExperimentTrackerSettings,
 )
 
-from kdpipe.config import PipelineConfig, load_config
+from kdpipe.config import PipelineConfig
+from kdpipe.configfile import load_config
 from pipelines import schedule as sched
 from pipelines.schedule import (
     CronError,

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from kdpipe.config import PipelineConfig, TrainConfig, load_config, read_yaml
+from kdpipe.config import PipelineConfig, TrainConfig
+from kdpipe.configfile import load_config, read_yaml
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 PIPELINE_STEPS = {"ingest_data", "finetune_teacher", "distill_student", "prune_student",

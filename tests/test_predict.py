@@ -180,7 +180,7 @@ def test_predict_config_needs_exactly_one_input() -> None:
 
 
 def test_shipped_predict_config_loads() -> None:
-    from kdpipe.config import load_predict_config
+    from kdpipe.configfile import load_predict_config
 
     predict, tracking = load_predict_config(
         Path(__file__).resolve().parents[1] / "configs" / "predict.yaml")
@@ -189,7 +189,8 @@ def test_shipped_predict_config_loads() -> None:
 
 
 def test_predict_config_file_errors_name_every_key(tmp_path: Path) -> None:
-    from kdpipe.config import ConfigError, load_predict_config
+    from kdpipe.config import ConfigError
+    from kdpipe.configfile import load_predict_config
 
     path = tmp_path / "p.yaml"
     path.write_text("parameters:\n  data: {source: digits}\n  tracking: {registered: x}\n")

@@ -116,7 +116,7 @@ def test_default_config_prunes_the_default_student_onto_cpu_blocks(caplog: pytes
     Counts off a multiple of 16 fall out of ONNX Runtime's AVX-512 conv layout and the
     pruned model is then barely faster (benchmarks/bench_prune.py): this guards the default.
     """
-    from kdpipe.config import load_config
+    from kdpipe.configfile import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     arch = cfg.student.model.arch

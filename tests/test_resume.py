@@ -302,7 +302,7 @@ def _run_cli(config: Path, name: str, env: dict[str, str]) -> subprocess.Popen[s
 
 _REFERENCE = """
 import json, sys
-from kdpipe.config import load_config
+from kdpipe.configfile import load_config
 from kdpipe.data import build_dataset_spec
 from kdpipe.recipes import train_teacher
 cfg = load_config(sys.argv[1])

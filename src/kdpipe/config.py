@@ -3,9 +3,9 @@
 Defaults live here and only here. Every model forbids unknown keys, so a typo is an
 error that names the key's path (``parameters.student.train.lr``) and what is allowed.
 
-A run-configuration YAML (ZenML's format) carries kdpipe's sections under
-``parameters:``; :func:`load_config` validates that section as a whole and reports
-every problem at once.
+Files are read by :mod:`kdpipe.configfile` (``load_config``); names that registries hold
+(models, losses, data sources, optimisers...) are plain strings here and are resolved,
+with every problem listed at once, by :func:`kdpipe.validate.validate`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kdpipe.uris import check_name_component, check_write_path, local_store_path
+
+__all__ = [
+    "ConfigError", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig", "GateConfig",
+    "ModelConfig", "PipelineConfig", "PredictConfig", "PruneConfig", "StudentConfig",
+    "TeacherConfig", "TrackingConfig", "TrainConfig", "check_name_component",
+    "check_write_path", "local_store_path",
+]
 
 
 class ConfigError(ValueError):
@@ -23,84 +31,6 @@ class ConfigError(ValueError):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ------------------------------------------------------------- write locations
-# The rules for every config value that becomes a place kdpipe writes to (the table is in
-# docs/reliability.md, "Path confinement"). A relative path must stay under the working
-# directory it is resolved against: ``..`` could otherwise climb into any directory the
-# process may write. An absolute path is the user's explicit, visible choice and is
-# accepted where the field says so. Names that end up inside paths or URIs may not
-# carry separators.
-_NAME_FORBIDDEN = ("/", "\\", ":", "@")
-
-
-def check_write_path(value: str, key: str, *, absolute_ok: bool) -> str:
-    """Validate a configured location that kdpipe writes to.
-
-    Args:
-        value: the path as written in the config.
-        key: the config key, named in the error.
-        absolute_ok: whether an absolute path is a legitimate choice for this key.
-
-    Returns:
-        ``value`` unchanged.
-
-    Raises:
-        ValueError: empty, a NUL / control character, ``~`` (never expanded here, so it
-            would create a directory literally named ``~``), a relative path with a
-            ``..`` component, or an absolute path where none is allowed.
-    """
-    if not value or not value.isprintable():
-        raise ValueError(f"{key} must be a non-empty path without control characters")
-    if value.startswith("~"):
-        raise ValueError(f"{key} may not start with '~' (it is not expanded); write the "
-                         "absolute path, or a path relative to the working directory")
-    path = Path(value)
-    if path.is_absolute():
-        if not absolute_ok:
-            raise ValueError(f"{key} must be a relative path (it lives under the run's "
-                             "directory); drop the leading '/'")
-        return value
-    if ".." in path.parts:
-        raise ValueError(f"{key} may not contain '..': a relative path must stay inside the "
-                         "working directory; use an absolute path to write elsewhere")
-    return value
-
-
-def check_name_component(value: str, key: str) -> str:
-    """Validate a name that becomes one component of a path or URI (no separators).
-
-    Raises:
-        ValueError: empty, surrounding spaces, control characters, ``..``, or one of
-            ``/ \\ : @``.
-    """
-    bad = [c for c in _NAME_FORBIDDEN if c in value]
-    if not value.strip() or value != value.strip() or not value.isprintable():
-        raise ValueError(f"{key} must be non-empty printable text without surrounding spaces")
-    if bad or value in {".", ".."} or ".." in value:
-        raise ValueError(f"{key} may not contain {', '.join(repr(c) for c in bad) or repr('..')}"
-                         f": it becomes part of paths and models:/ URIs; use letters, digits, "
-                         "'-', '_' and '.'")
-    return value
-
-
-def local_store_path(uri: str) -> str | None:
-    """The file-system path a ``sqlite:///`` or ``file:`` tracking URI writes to, else None.
-
-    ``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db``
-    absolute; ``file:/abs``, ``file:///abs`` and ``file:rel`` likewise. A bare path
-    (no scheme) is what MLflow treats as a file store.
-    """
-    if uri.startswith("sqlite:///"):
-        return uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if uri.startswith("file://"):
-        return uri.removeprefix("file://") or None
-    if uri.startswith("file:"):
-        return uri.removeprefix("file:") or None
-    if "://" not in uri and ":" not in uri.split("/", 1)[0]:
-        return uri
-    return None
 
 
 # --------------------------------------------------------------------------- data
@@ -133,14 +63,14 @@ class DataConfig(_Frozen):
 
     @field_validator("source")
     @classmethod
-    def _known_source(cls, v: str) -> str:
-        kind = v.split(":", 1)[0]
-        if kind not in {"digits", "mnist5k", "torchvision", "imagefolder"}:
-            raise ValueError(
-                f"unknown data source {v!r}; valid: digits, mnist5k, "
-                "torchvision:<MNIST|FashionMNIST|CIFAR10|CIFAR100>, imagefolder:<path>"
-            )
-        if kind in {"torchvision", "imagefolder"} and not v.split(":", 1)[1:]:
+    def _source_shape(cls, v: str) -> str:
+        # The kind before the colon is checked against kdpipe.data.SOURCES by
+        # kdpipe.validate (one list of names); here only the shape is.
+        kind, sep, arg = v.partition(":")
+        if not kind.strip():
+            raise ValueError(f"data source {v!r} needs a kind (e.g. digits, mnist5k, "
+                             "torchvision:<Name>, imagefolder:<path>)")
+        if sep and not arg:
             raise ValueError(f"data source {v!r} needs a name after the colon")
         return v
 
@@ -172,11 +102,13 @@ class TrainConfig(_Frozen):
     """The one training loop's knobs (teacher fine-tune, distillation, recovery)."""
 
     epochs: int = Field(10, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    optimizer: str = "adamw"
+    """A name in ``kdpipe.optim.OPTIMIZERS`` (sgd, adamw); checked by kdpipe.validate."""
     lr: float = Field(1e-3, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
-    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    scheduler: str = "cosine"
+    """A name in ``kdpipe.optim.SCHEDULERS`` (cosine, step, none)."""
     warmup_epochs: int = Field(0, ge=0)
     step_milestones: tuple[int, ...] = ()
     """Epochs at which the step scheduler multiplies the lr by ``step_gamma``."""
@@ -222,7 +154,8 @@ class DistillConfig(_Frozen):
     ``kd_weight`` (alpha) weights the KD term, as in Hinton et al.
     """
 
-    loss: Literal["kd", "dkd"] = "kd"
+    loss: str = "kd"
+    """A name in ``kdpipe.losses.LOGIT_LOSSES`` (kd, dkd); checked by kdpipe.validate."""
     temperature: float = Field(4.0, gt=0.0)
     kd_weight: float = Field(0.9, ge=0.0, le=1.0)
     dkd_alpha: float = Field(1.0, ge=0.0)
@@ -230,7 +163,8 @@ class DistillConfig(_Frozen):
     dkd_beta: float = Field(8.0, ge=0.0)
     """DKD: weight of non-target-class KD (NCKD)."""
     dkd_warmup_epochs: int = Field(0, ge=0)
-    feature_loss: Literal["none", "fitnet", "attention"] = "none"
+    feature_loss: str = "none"
+    """A name in ``kdpipe.losses.FEATURE_LOSSES`` (none, fitnet, attention)."""
     feature_weight: float = Field(1.0, ge=0.0)
     student_layer: str | None = None
     """Module path of the student's feature layer (e.g. ``layer3``) for feature losses."""
@@ -265,7 +199,8 @@ class PruneConfig(_Frozen):
     """Structural channel pruning through Torch-Pruning, with KD recovery."""
 
     enabled: bool = True
-    importance: Literal["l2", "l1", "taylor", "bn_scale", "random"] = "l2"
+    importance: str = "l2"
+    """A name in ``kdpipe.prune.IMPORTANCES`` (l2, l1, taylor, bn_scale, random)."""
     ratio: float = Field(0.5, gt=0.0, lt=1.0)
     """Fraction of channels removed from each prunable layer (or globally)."""
     global_pruning: bool = False
@@ -405,83 +340,3 @@ class PipelineConfig(_Frozen):
     tracking: TrackingConfig = TrackingConfig()
     predict: PredictConfig | None = None
     """Only in predict configs (configs/predict.yaml): batch inference with the champion."""
-
-
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem: ``key.path: message (got value)``; credentials redacted."""
-    from kdpipe.tracking import redact_uri  # light: mlflow is only imported inside functions
-
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check spelling; see kdpipe.config for the allowed keys)"
-        got = e.get("input")
-        shown = "" if e["type"] in {"extra_forbidden", "missing"} or isinstance(got, dict) else f" (got {got!r})"
-        shown = redact_uri(shown)  # a rejected tracking_uri may carry a password
-        lines.append(f"  {path or '<root>'}: {msg}{shown}")
-    return "\n".join(lines)
-
-
-def parse_config(data: dict[str, Any] | None, prefix: str = "parameters") -> PipelineConfig:
-    """Validate a ``parameters`` mapping; raise :class:`ConfigError` listing every problem."""
-    try:
-        return PipelineConfig.model_validate(data or {})
-    except ValidationError as err:
-        raise ConfigError(
-            f"invalid kdpipe configuration ({err.error_count()} problem(s)):\n"
-            + format_validation_error(err, prefix)
-        ) from None
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p} (pass an existing file with --config)")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    return data
-
-
-def load_config(path: str | Path) -> PipelineConfig:
-    """Load and validate the ``parameters:`` section of a run-configuration YAML."""
-    data = read_yaml(path)
-    if "enable_cache" in data:
-        raise ConfigError(
-            f"{path}: top-level 'enable_cache' overrides every step's own caching in ZenML; "
-            "set steps.<name>.enable_cache instead (or pass --no-cache)"
-        )
-    return parse_config(data.get("parameters"), "parameters")
-
-
-def load_predict_config(path: str | Path) -> tuple[PredictConfig, TrackingConfig]:
-    """Load the ``parameters:`` of a predict run-configuration (``configs/predict.yaml``).
-
-    Only ``predict`` (required) and ``tracking`` are allowed there: they are the
-    parameters of the predict pipeline.
-
-    Raises:
-        ConfigError: naming the file and the key.
-    """
-    data = read_yaml(path)
-    if "enable_cache" in data:
-        raise ConfigError(f"{path}: top-level 'enable_cache' is not allowed; use --no-cache")
-    params = data.get("parameters") or {}
-    unknown = sorted(set(params) - {"predict", "tracking"})
-    problems = [f"  parameters.{k}: unknown key for the predict pipeline (allowed: predict, "
-                "tracking)" for k in unknown]
-    if "predict" not in params:
-        problems.append("  parameters.predict: required (the data split or image folder to "
-                        "predict; see configs/predict.yaml)")
-    if problems:
-        raise ConfigError(f"invalid predict configuration {path} ({len(problems)} problem(s)):\n"
-                          + "\n".join(problems))
-    cfg = parse_config(params)
-    assert cfg.predict is not None
-    return cfg.predict, cfg.tracking

@@ -27,13 +27,14 @@ import contextlib
 import logging
 import math
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from kdpipe.uris import redact_uri
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -62,15 +63,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_KEY_TAG = "kdpipe.run_key"
 """Tag that identifies the MLflow run of one pipeline run (the orchestrator's run id)."""
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
-# ``scheme://user:password@host``: the user info runs up to the LAST "@" of the authority
-# (a password may hold an unencoded "@"), never past the first "/", "?" or "#".
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<auth>[^\s/?#]*)@")
-# Query parameters that carry secrets: tokens, keys, passwords, signatures (SAS, S3 presigned).
-_SECRET_PARAM = re.compile(
-    r"(?P<name>[?&;][^=&#\s]*(?:token|secret|passw|pwd|key|sig|credential|auth)[^=&#\s]*=)"
-    r"[^&#\s'\"()]*",  # the value ends where the URI does, also inside quoted text
-    re.IGNORECASE,
-)
 # MLflow's SQLite store waits this long for a lock (PRAGMA busy_timeout in mlflow.store.db.utils).
 _SQLITE_BUSY_TIMEOUT_S = 20
 
@@ -94,18 +86,6 @@ def resolve_tracking_uri(explicit: str | None = None, *, stack_uri: str | None =
     """
     return (explicit or os.environ.get("MLFLOW_TRACKING_URI") or stack_uri
             or DEFAULT_TRACKING_URI)
-
-
-def redact_uri(uri: str) -> str:
-    """Hide credentials embedded in a URI, or in any text that contains URIs.
-
-    ``https://user:pw@host`` → ``https://***@host``; secret-looking query parameters
-    (``?token=...``, ``access_token``, ``api_key``, ``password``, ``sig``, ...) keep their
-    name and lose their value: ``?token=***``. Use it on everything printed or logged
-    that may hold a tracking URI, error messages included.
-    """
-    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", uri)
-    return _SECRET_PARAM.sub(lambda m: f"{m['name']}***", text)
 
 
 def has_credentials(uri: str) -> bool:
