@@ -23,6 +23,7 @@ from typing import Any
 
 from kdpipe.config import ConfigError
 from kdpipe.configfile import load_config, load_predict_config, read_yaml
+from kdpipe.validate import validate as core_validate
 
 DEFAULT_CONFIG = "configs/default.yaml"
 EXIT_STEP_FAILED = 1
@@ -59,26 +60,13 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     """
     raw = read_yaml(args.config)
     if args.pipeline == "distill":
-        config = load_config(args.config)  # every problem of `parameters:` at once, keys named
-        _check_model_names(config, args.config)
+        # Every problem of `parameters:` at once, keys named: types and ranges, then names,
+        # model options and layer paths (kdpipe.validate; models built on the meta device).
+        core_validate(load_config(args.config), source=args.config)
     else:
         load_predict_config(args.config)
     _check_run_config_keys(raw, args.config)
     return raw
-
-
-def _check_model_names(config: Any, path: str) -> None:
-    """Architectures exist in the model registry (else the first training step would fail)."""
-    from kdpipe.models import MODELS
-    from kdpipe.registry import UnknownNameError
-
-    for role in ("teacher", "student"):
-        arch = getattr(config, role).model.arch
-        try:
-            MODELS.get(arch)
-        except UnknownNameError as err:
-            raise ConfigError(f"invalid configuration {path}:\n  parameters.{role}.model.arch: "
-                              f"{err}") from None
 
 
 def _check_run_config_keys(raw: dict[str, Any], path: str) -> None:

@@ -25,6 +25,7 @@ from kdpipe.config import (
     TeacherConfig,
     TrackingConfig,
 )
+from kdpipe.validate import validate
 from steps.distill_student import distill_student
 from steps.evaluate_models import evaluate_models
 from steps.export_onnx import export_onnx
@@ -56,6 +57,7 @@ def distillation_pipeline(
     config = PipelineConfig(data=data, teacher=teacher, student=student, distill=distill,
                             prune=prune, export=export, evaluate=evaluate, gate=gate,
                             tracking=tracking)
+    validate(config)  # at compile time: a bad config fails before any step starts
     dataset = ingest_data(config=config)
     teacher_model = finetune_teacher(dataset=dataset, teacher_cfg=teacher, tracking_cfg=tracking,
                                      warm_start_version=production_teacher_version(teacher))

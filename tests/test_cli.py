@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,31 @@ def test_failing_step_is_named_without_a_traceback_wall(tmp_path: Path) -> None:
     debug = run_cli("--config", str(path), "--run-name", "kd-cli-failing-step-debug", "--debug")
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr and "build_dataset_spec" in debug.stderr
+
+
+def test_three_mistakes_exit_2_together_before_anything_is_created(tmp_path: Path) -> None:
+    """An unknown student option, a misspelt feature layer and an unknown importance: one
+    run of the CLI names all three, exits 2, and leaves no ZenML store or MLflow database."""
+    def mistakes(d: dict) -> None:
+        p = d["parameters"]
+        p["student"]["model"].update(arch="cnn_small", kwargs={"widht": 8})
+        p["distill"].update(feature_loss="attention", student_layer="features.stage9",
+                            teacher_layer="features.stage3")
+        p["prune"].update(importance="l3")
+
+    path = write_config(tmp_path, mistakes)
+    env = dict(os.environ, ZENML_CONFIG_PATH=str(tmp_path / "zenml-config"),
+               ZENML_LOCAL_STORES_PATH=str(tmp_path / "zenml-stores"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = subprocess.run([sys.executable, "run_pipeline.py", "--config", str(path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "(3 problems)" in result.stderr
+    assert "parameters.student.model.kwargs.widht: 'cnn_small' takes no option 'widht'" \
+        in result.stderr
+    assert "parameters.distill.student_layer: no module 'features.stage9'" in result.stderr
+    assert "features.stage3" in result.stderr  # the nearby paths are suggested
+    assert "parameters.prune.importance: unknown pruning importance 'l3'" in result.stderr
+    assert "Traceback" not in result.stderr
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["bad.yaml"], f"validation created {left}"

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from kdpipe.config import PipelineConfig, TrainConfig
 from kdpipe.configfile import load_config, read_yaml
+from kdpipe.validate import find_problems
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 PIPELINE_STEPS = {"ingest_data", "finetune_teacher", "distill_student", "prune_student",
@@ -30,6 +31,7 @@ def test_the_expected_configs_are_shipped() -> None:
 def test_kdpipe_parses_config(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, PipelineConfig)
+    assert [str(p) for p in find_problems(cfg)] == []  # names, options, layer paths
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -15,8 +15,8 @@ import pytest
 CORE = Path(__file__).resolve().parents[1] / "src" / "kdpipe"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
-# The bottom layer and the only kdpipe modules each may import (uris, planned in issue 13:
-# the URI/path rules that config validates with and tracking redacts with; skipped until it exists).
+# The bottom layer and the only kdpipe modules each may import (uris: the URI/path rules
+# that config validates with and tracking redacts with).
 BOTTOM = {"kdpipe.config": {"kdpipe.uris"}, "kdpipe.registry": set(), "kdpipe.uris": set()}
 
 # Known debt (issue 13), measured at c2909ba. Each entry must disappear, never grow: the
@@ -28,13 +28,9 @@ KNOWN_CYCLE_EDGES = {
     ("kdpipe.distributed", "kdpipe.train"),    # process_device / TrainResult
     ("kdpipe.prune", "kdpipe.train"),          # prune_and_recover duplicates prune_student
 }
-# config -> tracking: format_validation_error redacts URIs with tracking's helper (not a
-# cycle, but the bottom layer importing a higher one). Unlike the lists above, this one is
-# not checked for stale entries: delete it when config stops importing tracking.
-KNOWN_UPWARD_IMPORTS = {("kdpipe.config", "kdpipe.tracking")}
 KNOWN_LARGE_MODULES = {  # module file -> lines at c2909ba
     "distributed.py": 674, "train.py": 587, "prune.py": 565, "data.py": 501,
-    "config.py": 487, "bundle.py": 466, "evaluation.py": 456, "tracking.py": 419,
+    "bundle.py": 466, "evaluation.py": 456,
 }
 KNOWN_LONG_FUNCTIONS = {  # module file -> its functions over the limit
     "evaluation.py": {"evaluate_models"}, "export.py": {"export_onnx"},
@@ -159,9 +155,6 @@ def test_known_cycle_edges_still_close_a_cycle() -> None:
 def test_config_and_registry_are_the_bottom_layer() -> None:
     graph = import_graph()
     for module, allowed in BOTTOM.items():
-        if module not in graph:  # kdpipe.uris until it exists
-            continue
-        allowed = allowed | {b for a, b in KNOWN_UPWARD_IMPORTS if a == module}
         assert graph[module] <= allowed, f"{module} imports {sorted(graph[module] - allowed)}"
 
 

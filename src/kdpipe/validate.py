@@ -1,0 +1,237 @@
+"""One check of a whole :class:`~kdpipe.config.PipelineConfig` before any work starts.
+
+:mod:`kdpipe.config` checks types, ranges and the rules inside one section. What needs
+the registries or the models themselves is checked here, all at once, so that a config
+with three mistakes reports three problems, each with its key path:
+
+- every name resolves through the registry that defines it (data sources, architectures,
+  optimisers, schedulers, logit and feature losses, pruning importances);
+- ``model.kwargs`` bind to the architecture factory's signature;
+- teacher and student are built on the ``meta`` device (no weights, no memory, no data)
+  so that module paths (``distill.student_layer`` / ``teacher_layer``,
+  ``prune.ignored_layers``) are checked against the real module trees;
+- rules across sections (a batch that splits evenly over DDP processes).
+
+:func:`validate` raises :class:`ConfigProblems` (a :class:`~kdpipe.config.ConfigError`);
+:func:`find_problems` returns the list. Files, downloads and caches are
+:mod:`kdpipe.preflight`'s business: nothing here touches the disk or the network.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdpipe.config import ConfigError, DataConfig, ModelConfig, PipelineConfig, TrainConfig
+from kdpipe.data import SOURCES, TORCHVISION_NAMES
+from kdpipe.models import MODELS, nearest_module_paths
+from kdpipe.optim import OPTIMIZERS, SCHEDULERS
+from kdpipe.prune import IMPORTANCES
+from kdpipe.registry import Registry
+
+__all__ = ["ConfigProblems", "Problem", "find_problems", "meta_model", "validate"]
+
+# Interim: the loss names until kdpipe.losses registers the losses themselves.
+LOGIT_LOSSES: Registry[str] = Registry("logit loss")
+FEATURE_LOSSES: Registry[str] = Registry("feature loss")
+for _name in ("kd", "dkd"):
+    LOGIT_LOSSES.register(_name, _name)
+for _name in ("none", "fitnet", "attention"):
+    FEATURE_LOSSES.register(_name, _name)
+
+_PLACEHOLDER_CLASSES = 10
+"""Class count for the meta-device builds: module paths do not depend on it."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake: the key path (``parameters.student.model.kwargs``) and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ConfigProblems(ConfigError):
+    """Every problem :func:`find_problems` found, in one error."""
+
+    def __init__(self, problems: list[Problem], source: str = "") -> None:
+        self.problems = list(problems)
+        where = f" {source}" if source else ""
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"invalid configuration{where} ({len(self.problems)} problem"
+                         f"{'s' if len(self.problems) != 1 else ''}):\n{lines}")
+
+
+def validate(config: PipelineConfig, *, source: str = "", prefix: str = "parameters"
+             ) -> PipelineConfig:
+    """Return ``config`` unchanged, or raise :class:`ConfigProblems` listing every problem."""
+    problems = find_problems(config, prefix=prefix)
+    if problems:
+        raise ConfigProblems(problems, source)
+    return config
+
+
+def find_problems(config: PipelineConfig, *, prefix: str = "parameters") -> list[Problem]:
+    """Every problem of ``config`` (empty when it is runnable as far as config can tell)."""
+    found: list[Problem] = []
+    found += _data_problems(config.data, f"{prefix}.data")
+    channels = _input_channels(config.data)
+    models: dict[str, nn.Module | None] = {}
+    for role in ("teacher", "student"):
+        section = getattr(config, role)
+        path = f"{prefix}.{role}.model"
+        found += _model_problems(section.model, path)
+        models[role] = _try_meta(section.model, channels, found, path)
+        found += _train_problems(section.train, f"{prefix}.{role}.train", config.data)
+    found += _distill_problems(config, models, prefix)
+    found += _prune_problems(config, models["student"], prefix)
+    return found
+
+
+# ------------------------------------------------------------------------- names
+def _name_problem(registry: Registry, name: str, path: str) -> list[Problem]:
+    if name in registry:
+        return []
+    return [Problem(path, f"unknown {registry.kind} {name!r}; valid names: "
+                          f"{', '.join(registry.names())}")]
+
+
+def _data_problems(cfg: DataConfig, path: str) -> list[Problem]:
+    kind, _, arg = cfg.source.partition(":")
+    found = _name_problem(SOURCES, kind, f"{path}.source")
+    if found:
+        return found
+    if kind == "torchvision" and arg not in TORCHVISION_NAMES:
+        found.append(Problem(f"{path}.source", f"unknown torchvision dataset {arg!r}; valid: "
+                             + ", ".join(f"torchvision:{n}" for n in TORCHVISION_NAMES)))
+    if kind == "imagefolder":
+        if not arg:
+            found.append(Problem(f"{path}.source", "imagefolder needs a folder: "
+                                                   "imagefolder:<folder with one sub-folder per class>"))
+        if cfg.image_size is None:
+            found.append(Problem(f"{path}.image_size", "imagefolder sources need image_size "
+                                                       "(e.g. 32): images are resized to it"))
+    elif cfg.image_size is not None or cfg.grayscale is not None:
+        found.append(Problem(path, f"image_size and grayscale only apply to imagefolder "
+                                   f"sources; remove them for source {cfg.source!r}"))
+    return found
+
+
+def _train_problems(cfg: TrainConfig, path: str, data: DataConfig) -> list[Problem]:
+    found = _name_problem(OPTIMIZERS, cfg.optimizer, f"{path}.optimizer")
+    found += _name_problem(SCHEDULERS, cfg.scheduler, f"{path}.scheduler")
+    if cfg.scheduler == "step" and not cfg.step_milestones:
+        found.append(Problem(f"{path}.step_milestones", "scheduler 'step' needs at least one "
+                                                        "milestone epoch (e.g. [5, 8])"))
+    if cfg.num_processes > 1 and data.batch_size % cfg.num_processes:
+        found.append(Problem(f"{path}.num_processes",
+                             f"data.batch_size={data.batch_size} does not split evenly over "
+                             f"{cfg.num_processes} processes; make it a multiple of "
+                             f"{cfg.num_processes}"))
+    return found
+
+
+# ------------------------------------------------------------------------ models
+def _model_problems(cfg: ModelConfig, path: str) -> list[Problem]:
+    found = _name_problem(MODELS, cfg.arch, f"{path}.arch")
+    if found:
+        return found
+    factory = MODELS.get(cfg.arch)
+    params, options = inspect.signature(factory).parameters, _options(factory)
+    unknown = sorted(set(cfg.kwargs) - set(options))
+    if "weights" in cfg.kwargs:
+        found.append(Problem(f"{path}.kwargs.weights", "pretrained weights go in model.weights, "
+                                                       "not in kwargs"))
+        unknown.remove("weights")
+    for name in unknown:
+        near = [o for o in options if o.startswith(name[:2])]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        found.append(Problem(f"{path}.kwargs.{name}",
+                             f"{cfg.arch!r} takes no option {name!r}{hint}; it accepts: "
+                             f"{', '.join(options) or 'no options'}"))
+    if cfg.weights is not None and "weights" not in params:
+        found.append(Problem(f"{path}.weights",
+                             f"{cfg.arch!r} has no pretrained weights; use one of "
+                             f"{', '.join(MODELS.names('tv_*'))}, or model.checkpoint"))
+    return found
+
+
+def _options(factory: Callable[..., nn.Module]) -> list[str]:
+    params = inspect.signature(factory).parameters.values()
+    return [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "weights"]
+
+
+def meta_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
+    """``cfg``'s architecture built on the meta device: its module tree, no weights.
+
+    Options the factory does not take are left out (they are reported by name), so that
+    layer paths are still checked against the architecture.
+    """
+    factory: Callable[..., nn.Module] = MODELS.get(cfg.arch)
+    options = _options(factory)
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k in options}
+    with torch.device("meta"):
+        return factory(_PLACEHOLDER_CLASSES, in_channels, **kwargs)
+
+
+def _try_meta(cfg: ModelConfig, channels: int, found: list[Problem], path: str
+              ) -> nn.Module | None:
+    if cfg.arch not in MODELS:
+        return None
+    try:
+        return meta_model(cfg, channels)
+    except (TypeError, ValueError, RuntimeError) as err:  # right option names, bad values
+        found.append(Problem(f"{path}.kwargs", f"{cfg.arch!r} cannot be built with "
+                                               f"{cfg.kwargs}: {err}"))
+        return None
+
+
+def _input_channels(cfg: DataConfig) -> int:
+    kind, _, arg = cfg.source.partition(":")
+    if kind in ("digits", "mnist5k") or arg in ("MNIST", "FashionMNIST"):
+        return 1
+    return 1 if cfg.grayscale else 3
+
+
+def _layer_problem(model: nn.Module, layer: str, path: str, role: str) -> list[Problem]:
+    names = {n for n, _ in model.named_modules() if n}
+    if layer in names:
+        return []
+    near = nearest_module_paths(model, layer)
+    return [Problem(path, f"no module {layer!r} in the {role} ({type(model).__name__}); "
+                          f"nearby module paths: {', '.join(near) or '(none)'}")]
+
+
+# ---------------------------------------------------------------- distill, prune
+def _distill_problems(config: PipelineConfig, models: dict[str, nn.Module | None],
+                      prefix: str) -> list[Problem]:
+    cfg, path = config.distill, f"{prefix}.distill"
+    found = _name_problem(LOGIT_LOSSES, cfg.loss, f"{path}.loss")
+    found += _name_problem(FEATURE_LOSSES, cfg.feature_loss, f"{path}.feature_loss")
+    if cfg.feature_loss == "none" or cfg.feature_loss not in FEATURE_LOSSES:
+        return found
+    for role, key in (("student", "student_layer"), ("teacher", "teacher_layer")):
+        layer, model = getattr(cfg, key), models[role]
+        if layer and model is not None:
+            found += _layer_problem(model, layer, f"{path}.{key}", role)
+    return found
+
+
+def _prune_problems(config: PipelineConfig, student: nn.Module | None, prefix: str
+                    ) -> list[Problem]:
+    cfg, path = config.prune, f"{prefix}.prune"
+    if not cfg.enabled:
+        return []
+    found = _name_problem(IMPORTANCES, cfg.importance, f"{path}.importance")
+    found += _train_problems(cfg.recovery, f"{path}.recovery", config.data)
+    if student is not None:
+        for i, layer in enumerate(cfg.ignored_layers):
+            found += _layer_problem(student, layer, f"{path}.ignored_layers[{i}]", "student")
+    return found

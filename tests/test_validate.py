@@ -1,0 +1,98 @@
+"""kdpipe.validate: every name, option and layer path checked at once, before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdpipe.config import PipelineConfig
+from kdpipe.configfile import parse_config
+from kdpipe.validate import ConfigProblems, find_problems, meta_model, validate
+
+
+def paths(config: PipelineConfig) -> list[str]:
+    return [p.path for p in find_problems(config)]
+
+
+def test_shipped_defaults_have_no_problem() -> None:
+    assert find_problems(PipelineConfig()) == []
+
+
+@pytest.mark.parametrize(("section", "expected"), [
+    ({"data": {"source": "tfds:mnist"}}, "parameters.data.source"),
+    ({"data": {"source": "torchvision:SVHN"}}, "parameters.data.source"),
+    ({"data": {"source": "imagefolder:/x"}}, "parameters.data.image_size"),
+    ({"data": {"source": "mnist5k", "image_size": 32}}, "parameters.data"),
+    ({"teacher": {"model": {"arch": "resnet21"}}}, "parameters.teacher.model.arch"),
+    ({"student": {"model": {"arch": "cnn_small", "weights": "DEFAULT"}}},
+     "parameters.student.model.weights"),
+    ({"student": {"train": {"optimizer": "adam"}}}, "parameters.student.train.optimizer"),
+    ({"teacher": {"train": {"scheduler": "linear"}}}, "parameters.teacher.train.scheduler"),
+    ({"student": {"train": {"scheduler": "step"}}}, "parameters.student.train.step_milestones"),
+    ({"student": {"train": {"num_processes": 3}}}, "parameters.student.train.num_processes"),
+    ({"distill": {"loss": "crd"}}, "parameters.distill.loss"),
+    ({"distill": {"feature_loss": "crd", "student_layer": "a", "teacher_layer": "b"}},
+     "parameters.distill.feature_loss"),
+    ({"prune": {"importance": "hessian"}}, "parameters.prune.importance"),
+    ({"prune": {"recovery": {"optimizer": "lion"}}}, "parameters.prune.recovery.optimizer"),
+])
+def test_each_mistake_is_reported_at_its_key_path(section: dict, expected: str) -> None:
+    assert paths(parse_config(section)) == [expected]
+
+
+def test_unknown_name_lists_the_valid_ones() -> None:
+    (problem,) = find_problems(parse_config({"student": {"train": {"optimizer": "adam"}}}))
+    assert problem.message == "unknown optimizer 'adam'; valid names: adamw, sgd"
+
+
+def test_kwargs_are_bound_to_the_factory_signature() -> None:
+    cfg = parse_config({"student": {"model": {"arch": "cnn_small",
+                                              "kwargs": {"widht": 2, "dropout": 0.1}}}})
+    (problem,) = find_problems(cfg)
+    assert problem.path == "parameters.student.model.kwargs.widht"
+    assert problem.message == ("'cnn_small' takes no option 'widht' (did you mean width?); "
+                               "it accepts: width, dropout")
+    cfg = parse_config({"student": {"model": {"arch": "resnet20", "kwargs": {"width": 2}}}})
+    assert [p.message for p in find_problems(cfg)] == [
+        "'resnet20' takes no option 'width'; it accepts: no options"]
+    # A known option with a bad value is caught by building the model on the meta device.
+    cfg = parse_config({"student": {"model": {"arch": "cnn_small", "kwargs": {"width": 0}}}})
+    (problem,) = find_problems(cfg)
+    assert problem.path == "parameters.student.model.kwargs"
+    assert "width must be >= 1" in problem.message
+
+
+def test_layer_paths_are_checked_on_meta_models_even_beside_a_bad_option() -> None:
+    cfg = parse_config({
+        "student": {"model": {"arch": "cnn_small", "kwargs": {"widht": 8}}},
+        "teacher": {"model": {"arch": "resnet56"}},
+        "distill": {"feature_loss": "fitnet", "student_layer": "features.stage3",
+                    "teacher_layer": "layer9"},
+        "prune": {"ignored_layers": ["fc", "features.stage0"]},
+    })
+    problems = {p.path: p.message for p in find_problems(cfg)}
+    assert sorted(problems) == ["parameters.distill.teacher_layer",
+                                "parameters.prune.ignored_layers[1]",
+                                "parameters.student.model.kwargs.widht"]
+    assert "no module 'layer9' in the teacher (CifarResNet)" in problems[
+        "parameters.distill.teacher_layer"]
+    assert "layer3" in problems["parameters.distill.teacher_layer"]  # a nearby path
+
+
+def test_disabled_pruning_is_not_checked() -> None:
+    cfg = parse_config({"prune": {"enabled": False, "importance": "nope"}})
+    assert find_problems(cfg) == []
+
+
+def test_meta_model_has_the_module_tree_and_no_storage() -> None:
+    model = meta_model(PipelineConfig().teacher.model, in_channels=1)
+    weights = list(model.parameters())
+    assert weights and all(w.device.type == "meta" for w in weights)
+
+
+def test_validate_raises_one_error_with_every_problem() -> None:
+    cfg = parse_config({"distill": {"loss": "crd"}, "prune": {"importance": "hessian"}})
+    with pytest.raises(ConfigProblems) as info:
+        validate(cfg, source="my.yaml")
+    assert len(info.value.problems) == 2
+    assert str(info.value).startswith("invalid configuration my.yaml (2 problems):\n  ")
+    assert validate(PipelineConfig()) == PipelineConfig()
