@@ -23,7 +23,8 @@ from typing import Any
 
 from kdpipe.config import ConfigError
 from kdpipe.configfile import load_config, load_predict_config, read_yaml
-from kdpipe.validate import validate as core_validate
+from kdpipe.preflight import preflight
+from kdpipe.validate import ConfigProblems, find_problems
 
 DEFAULT_CONFIG = "configs/default.yaml"
 EXIT_STEP_FAILED = 1
@@ -62,7 +63,12 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     if args.pipeline == "distill":
         # Every problem of `parameters:` at once, keys named: types and ranges, then names,
         # model options and layer paths (kdpipe.validate; models built on the meta device).
-        core_validate(load_config(args.config), source=args.config)
+        # Then what the run needs from outside the config (kdpipe.preflight): folders,
+        # dataset files, checkpoints, pretrained weights cached or downloadable.
+        config = load_config(args.config)
+        problems = find_problems(config) + preflight(config)
+        if problems:
+            raise ConfigProblems(problems, args.config)
     else:
         load_predict_config(args.config)
     _check_run_config_keys(raw, args.config)

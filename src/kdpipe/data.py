@@ -44,7 +44,7 @@ from kdpipe.config import DataConfig
 from kdpipe.registry import Registry
 
 __all__ = ["SPLITS", "DataError", "DatasetSpec", "SplitDataset", "build_dataset_spec",
-           "get_split", "make_loader"]
+           "get_split", "make_loader", "open_torchvision_split"]
 
 SPLITS = ("train", "val", "test")
 TORCHVISION_NAMES = ("CIFAR10", "CIFAR100", "FashionMNIST", "MNIST")
@@ -212,7 +212,7 @@ def _mnist5k(arg: str, cfg: DataConfig, channels: int | None) -> _Source:
     return _mnist5k_arrays()
 
 
-def _tv_split(name: str, root: str, train: bool, download: bool) -> Dataset:
+def open_torchvision_split(name: str, root: str, train: bool, download: bool) -> Dataset:
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, name)
@@ -232,7 +232,7 @@ def _tv_split(name: str, root: str, train: bool, download: bool) -> Dataset:
 
 @lru_cache(maxsize=4)
 def _torchvision_arrays(name: str, root: str, download: bool) -> _ArraySource:
-    parts = [_tv_split(name, root, train, download) for train in (True, False)]
+    parts = [open_torchvision_split(name, root, train, download) for train in (True, False)]
     images, labels = [], []
     for ds in parts:
         x = np.asarray(ds.data, dtype=np.uint8)  # MNIST: (N, H, W) tensor; CIFAR: (N, H, W, C)

@@ -85,6 +85,25 @@ def _pretrained_state_dict(tv_name: str, weights: str) -> dict[str, torch.Tensor
         ) from err
 
 
+def pretrained_file(arch: str, weights: str) -> tuple[str, Path]:
+    """Where pretrained ``weights`` of registered ``arch`` (``tv_*``) come from and are cached.
+
+    Returns the download URL and the file in torch.hub's cache that holds it once fetched.
+
+    Raises:
+        ValueError: ``weights`` is not a name of the architecture's torchvision weights.
+    """
+    import torchvision.models as tvm
+
+    tv_name = arch.removeprefix("tv_")
+    enum = tvm.get_model_weights(tv_name)
+    if weights not in enum.__members__:
+        raise ValueError(f"unknown weights {weights!r} for {arch}; valid: "
+                         f"{', '.join(enum.__members__)}")
+    url = enum[weights].url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
 def _torchvision_model(
     tv_name: str, num_classes: int, in_channels: int, weights: str | None
 ) -> nn.Module:

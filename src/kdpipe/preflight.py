@@ -1,0 +1,85 @@
+"""What can be known about files, caches and downloads before the first step starts.
+
+:mod:`kdpipe.validate` checks a config without touching the disk; this module checks what
+the run will need from outside the config, so that a missing file is exit 2 in a second,
+not a failed step after ZenML has started:
+
+- an image folder that does not exist;
+- torchvision dataset files that are missing while ``data.download`` is false;
+- a ``model.checkpoint`` that does not exist;
+- pretrained weights that are neither in torch.hub's cache nor downloadable (the only
+  network access, and only for weights the config asks for: a HEAD request).
+
+Problems are :class:`kdpipe.validate.Problem` values, reported with validate's.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from kdpipe.config import DataConfig, ModelConfig, PipelineConfig
+from kdpipe.data import TORCHVISION_NAMES, DataError, open_torchvision_split
+from kdpipe.models_tv import pretrained_file
+from kdpipe.validate import Problem
+
+__all__ = ["preflight", "url_reachable"]
+
+_PROBE_TIMEOUT_S = 5.0
+
+
+def url_reachable(url: str) -> str | None:
+    """None when ``url`` answers a HEAD request, else why not (one short try, no retry)."""
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT_S):
+            return None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return str(getattr(err, "reason", err))
+
+
+def preflight(config: PipelineConfig, *, prefix: str = "parameters",
+              reachable: Callable[[str], str | None] = url_reachable) -> list[Problem]:
+    """Every missing file or unavailable download ``config`` needs (empty when none)."""
+    found = _data_problems(config.data, f"{prefix}.data")
+    for role in ("teacher", "student"):
+        found += _model_problems(getattr(config, role).model, f"{prefix}.{role}.model",
+                                 reachable)
+    return found
+
+
+def _data_problems(cfg: DataConfig, path: str) -> list[Problem]:
+    kind, _, arg = cfg.source.partition(":")
+    if kind == "imagefolder" and arg and not Path(arg).expanduser().is_dir():
+        return [Problem(f"{path}.source", f"image folder {Path(arg).expanduser()} does not "
+                                          "exist or is not a folder; point data.source at "
+                                          "imagefolder:<folder with one sub-folder per class>")]
+    if kind == "torchvision" and arg in TORCHVISION_NAMES and not cfg.download:
+        try:  # reads the files (a second for MNIST); only a download would be slow
+            for train in (True, False):
+                open_torchvision_split(arg, str(Path(cfg.root).expanduser()), train, False)
+        except DataError as err:
+            return [Problem(f"{path}.source", str(err))]
+    return []
+
+
+def _model_problems(cfg: ModelConfig, path: str, reachable: Callable[[str], str | None]
+                    ) -> list[Problem]:
+    found = []
+    if cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().exists():
+        found.append(Problem(f"{path}.checkpoint", f"model checkpoint not found: "
+                                                   f"{Path(cfg.checkpoint).expanduser()}"))
+    if cfg.weights is not None and cfg.arch.startswith("tv_"):
+        try:
+            url, cached = pretrained_file(cfg.arch, cfg.weights)
+        except ValueError as err:
+            return [*found, Problem(f"{path}.weights", str(err))]
+        if not cached.is_file() and (why := reachable(url)) is not None:
+            found.append(Problem(f"{path}.weights", (
+                f"pretrained weights {cfg.weights} for {cfg.arch} are not cached ({cached}) "
+                f"and cannot be downloaded from {url} ({why}). Fix: run once with internet "
+                "access, or copy the file there by hand, or set model.weights: null "
+                "(random start) or model.checkpoint (a local file)")))
+    return found

@@ -1,0 +1,89 @@
+"""kdpipe.preflight: missing files and unavailable downloads are found before any step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdpipe.configfile import parse_config
+from kdpipe.preflight import preflight, url_reachable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def offline(url: str) -> str:
+    return "offline in this test"
+
+
+def online(url: str) -> None:
+    return None
+
+
+def test_defaults_need_nothing_from_outside() -> None:
+    assert preflight(parse_config({}), reachable=offline) == []
+
+
+def test_missing_image_folder_and_checkpoint_are_named(tmp_path: Path) -> None:
+    cfg = parse_config({"data": {"source": f"imagefolder:{tmp_path / 'photos'}", "image_size": 32},
+                        "student": {"model": {"arch": "cnn_small",
+                                              "checkpoint": str(tmp_path / "s.pt")}}})
+    problems = {p.path: p.message for p in preflight(cfg, reachable=offline)}
+    assert sorted(problems) == ["parameters.data.source", "parameters.student.model.checkpoint"]
+    assert f"image folder {tmp_path / 'photos'} does not exist" in problems["parameters.data.source"]
+    assert problems["parameters.student.model.checkpoint"] == (
+        f"model checkpoint not found: {tmp_path / 's.pt'}")
+
+
+def test_torchvision_files_missing_without_download(tmp_path: Path) -> None:
+    cfg = parse_config({"data": {"source": "torchvision:FashionMNIST", "root": str(tmp_path)}})
+    (problem,) = preflight(cfg, reachable=offline)
+    assert problem.path == "parameters.data.source"
+    assert "files are missing" in problem.message and "data.download" in problem.message
+    # With download allowed the step may fetch them: nothing to report before it runs.
+    cfg = parse_config({"data": {"source": "torchvision:FashionMNIST", "root": str(tmp_path),
+                                 "download": True}})
+    assert preflight(cfg, reachable=offline) == []
+
+
+def test_pretrained_weights_neither_cached_nor_downloadable(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    cfg = parse_config({"teacher": {"model": {"arch": "tv_resnet18", "weights": "DEFAULT"}}})
+    (problem,) = preflight(cfg, reachable=offline)
+    assert problem.path == "parameters.teacher.model.weights"
+    assert "not cached" in problem.message and "offline in this test" in problem.message
+    assert "model.weights: null" in problem.message  # the fix is named
+    assert preflight(cfg, reachable=online) == []  # downloadable: the step will fetch it
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert preflight(cfg, reachable=offline) == []  # cached: no network needed
+
+
+def test_unknown_weights_name_lists_the_valid_ones() -> None:
+    cfg = parse_config({"teacher": {"model": {"arch": "tv_resnet18", "weights": "BEST"}}})
+    (problem,) = preflight(cfg, reachable=online)
+    assert problem.message == "unknown weights 'BEST' for tv_resnet18; valid: IMAGENET1K_V1, DEFAULT"
+
+
+def test_unreachable_url_says_why() -> None:
+    assert url_reachable("http://127.0.0.1:9/weights.pth") is not None  # nothing listens on 9
+
+
+def test_cli_exits_2_on_missing_dataset_files_before_zenml_starts(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    data["parameters"]["data"] = {"source": "torchvision:FashionMNIST", "root": str(tmp_path / "d")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = dict(os.environ, ZENML_CONFIG_PATH=str(tmp_path / "zc"),
+               ZENML_LOCAL_STORES_PATH=str(tmp_path / "zs"))
+    result = subprocess.run([sys.executable, "run_pipeline.py", "--config", str(path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "parameters.data.source: torchvision:FashionMNIST files are missing" in result.stderr
+    assert not (tmp_path / "zc").exists() and not (tmp_path / "zs").exists()
