@@ -319,10 +319,11 @@ def test_depthwise_mobilenet_v3_prunes() -> None:
 
 
 @pytest.mark.slow
-def test_prune_and_recover_on_digits() -> None:
+def test_prune_student_on_digits_recovers_and_records_fresh_history() -> None:
+    """The pipeline's one pruning path (recipes.prune_student), on real data."""
     from kdpipe.config import DataConfig, DistillConfig
     from kdpipe.data import build_dataset_spec
-    from kdpipe.prune import prune_and_recover
+    from kdpipe.recipes import prune_student
 
     spec = build_dataset_spec(DataConfig(source="digits", batch_size=64))
     classes, shape = spec.classes, spec.input_shape
@@ -330,17 +331,23 @@ def test_prune_and_recover_on_digits() -> None:
     def bundle(arch: str) -> Bundle:
         torch.manual_seed(0)
         return Bundle.from_model(create_model(arch, len(classes), shape[0]).eval(), arch=arch,
-                                 classes=classes, input_shape=shape, mean=spec.mean, std=spec.std)
+                                 classes=classes, input_shape=shape, mean=spec.mean, std=spec.std,
+                                 extra={"role": "student", "history": [{"epoch": 1}] * 5})
 
     student, teacher = bundle("cnn_tiny"), bundle("cnn_small")
     original = [p.clone() for p in student.model.parameters()]
     cfg = PruneConfig(ratio=0.5, iterative_steps=2,
                       recovery=TrainConfig(epochs=1, lr=1e-3, device="cpu"))
-    pruned, report = prune_and_recover(student, teacher, spec, cfg, DistillConfig())
+    pruned, report = prune_student(student, teacher, spec, cfg, DistillConfig())
     assert all(torch.equal(a, b) for a, b in zip(original, student.model.parameters(), strict=True))
-    assert report.after_recovery is not None and report.after_recovery.accuracy is not None
+    assert report is not None and report.after_recovery is not None
+    assert report.after_recovery.accuracy is not None
     assert len(report.steps) == 2 and report.macs_ratio > 2.5
-    assert pruned.spec.extra["prune_report"]["steps"][1]["step"] == 2
+    extra = pruned.spec.extra
+    assert extra["prune_report"]["steps"][1]["step"] == 2
+    assert extra["role"] == "pruned_student"  # not the student's stale extra
+    assert [(r["epoch"], r["prune_step"]) for r in extra["history"]] == [(1, 1), (2, 2)]
+    assert extra["metrics"]["params"] == report.final.params
     assert pruned.spec.layout
 
 

@@ -11,7 +11,8 @@ each reach a linearly growing fraction of ``cfg.ratio``; after each step an opti
 It measures params, MACs, serialized size, CPU latency and (optionally) accuracy
 before pruning, after the last pruning step and after the last recovery.
 
-:func:`prune_and_recover` wires that to kdpipe's data, training loop and bundles.
+:func:`kdpipe.recipes.prune_student` wires that to kdpipe's data, training loop and
+bundles (the pipeline's one pruning path). The reports are :mod:`kdpipe.prune_report`'s.
 
 Bad input fails before the model is touched: an ignored layer path that does not exist
 (nearby paths listed), a ratio that would empty a layer, Taylor importance without a
@@ -21,24 +22,18 @@ layer, rather than a traceback from deep inside the library.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch_pruning as tp
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from kdpipe.config import ConfigError, PruneConfig
+from kdpipe.prune_report import ModelStats, PruneReport, PruneStep, measure_model
 from kdpipe.registry import Registry
-
-if TYPE_CHECKING:
-    from kdpipe.bundle import Bundle
-    from kdpipe.config import DistillConfig
-    from kdpipe.data import DatasetSpec
 
 __all__ = [
     "IMPORTANCES",
@@ -47,7 +42,6 @@ __all__ = [
     "PruneStep",
     "PruningError",
     "measure_model",
-    "prune_and_recover",
     "prune_model",
 ]
 
@@ -68,104 +62,6 @@ IMPORTANCES.register("l1", lambda: tp.importance.GroupMagnitudeImportance(p=1))
 IMPORTANCES.register("taylor", lambda: tp.importance.GroupTaylorImportance())
 IMPORTANCES.register("bn_scale", lambda: tp.importance.BNScaleImportance())
 IMPORTANCES.register("random", lambda: tp.importance.RandomImportance())
-
-
-# ---------------------------------------------------------------------- reports
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ModelStats(_Frozen):
-    """Cost and quality of a model at one point of the pruning run."""
-
-    params: int
-    macs: int
-    """Multiply-accumulates for one sample (``kdpipe.metrics.count_macs``)."""
-    size_bytes: int
-    """The state dict serialised as safetensors."""
-    latency_ms: float
-    """p50 of a batch-1 forward pass in PyTorch eager on the CPU."""
-    accuracy: float | None = None
-    """From ``evaluate_fn`` (None when none was given)."""
-
-
-class PruneStep(_Frozen):
-    """One iterative pruning step."""
-
-    step: int
-    """1-based."""
-    target_ratio: float
-    """Fraction of each layer's (or, globally, all) channels removed after this step."""
-    params: int
-    macs: int
-    accuracy_after_pruning: float | None = None
-    accuracy_after_recovery: float | None = None
-
-
-class PruneReport(_Frozen):
-    """What pruning did: stats before / after pruning / after recovery, per step and layer."""
-
-    config: dict[str, Any]
-    before: ModelStats
-    after_pruning: ModelStats
-    """After the last pruning step, before the last recovery."""
-    after_recovery: ModelStats | None = None
-    """After the last recovery fine-tune; None when no ``recover`` was given."""
-    steps: list[PruneStep]
-    channels: dict[str, tuple[int, int]]
-    """Output channels (before, after) of every conv / linear layer that lost some."""
-
-    @property
-    def final(self) -> ModelStats:
-        """The stats of the model handed on."""
-        return self.after_recovery or self.after_pruning
-
-    @property
-    def macs_ratio(self) -> float:
-        """MACs before / MACs after (2.0 = half the compute)."""
-        return self.before.macs / max(self.final.macs, 1)
-
-    @property
-    def params_ratio(self) -> float:
-        return self.before.params / max(self.final.params, 1)
-
-    @property
-    def latency_speedup(self) -> float:
-        """CPU eager latency before / after (batch 1)."""
-        return self.before.latency_ms / max(self.final.latency_ms, 1e-9)
-
-
-# -------------------------------------------------------------------- measuring
-def measure_model(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    evaluate_fn: Callable[[nn.Module], float] | None = None,
-    latency_repeats: int = 20,
-) -> ModelStats:
-    """Params, MACs, safetensors size, CPU batch-1 latency (p50) and optional accuracy.
-
-    Cost metrics are taken on an eval-mode CPU copy, so the model's device, mode and
-    BatchNorm statistics are untouched.
-    """
-    from kdpipe.metrics import count_macs, count_params, latency_stats, serialized_size_bytes
-
-    cpu = copy.deepcopy(model).cpu().eval()
-    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        latency = latency_stats(lambda: cpu(x), repeats=latency_repeats, warmup=3)["p50_ms"]
-    accuracy = None
-    if evaluate_fn is not None:
-        was_training = model.training
-        accuracy = float(evaluate_fn(model))
-        model.train(was_training)
-    return ModelStats(
-        params=count_params(cpu),
-        macs=count_macs(cpu, tuple(input_shape)),
-        size_bytes=serialized_size_bytes(cpu),
-        latency_ms=latency,
-        accuracy=accuracy,
-    )
 
 
 # ---------------------------------------------------------------------- checks
@@ -380,6 +276,39 @@ def _out_channels(model: nn.Module) -> dict[str, int]:
     }
 
 
+def _pruning_steps(
+    model: nn.Module, pruner: tp.pruner.BasePruner, names: dict[nn.Module, str],
+    example_input: torch.Tensor, cfg: PruneConfig, stats: Callable[[], ModelStats],
+    recover: RecoverFn | None, taylor_loss_fn: Callable[[nn.Module], torch.Tensor] | None,
+    evaluate_fn: Callable[[nn.Module], float] | None,
+) -> tuple[list[PruneStep], ModelStats]:
+    """Prune in ``cfg.iterative_steps`` steps, recovering after each; per-step records."""
+    initial = dict(pruner.layer_init_out_ch)
+    steps: list[PruneStep] = []
+    for i in range(cfg.iterative_steps):
+        model.eval()
+        if taylor_loss_fn is not None and cfg.importance == "taylor":
+            _taylor_gradients(model, taylor_loss_fn)
+        # RandomImportance draws from torch's global RNG: seed it so runs repeat.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.recovery.seed + i)
+            _prune_step(pruner, names, initial, cfg)
+        model.zero_grad(set_to_none=True)
+        _check_forward(model, example_input.to(next(model.parameters()).device), i + 1)
+        after_pruning = stats()
+        recovered = None
+        if recover is not None:
+            recover(model, i)
+            recovered = float(evaluate_fn(model)) if evaluate_fn is not None else None
+        steps.append(PruneStep(step=i + 1, target_ratio=float(pruner.per_step_pruning_ratio[i + 1]),
+                               params=after_pruning.params, macs=after_pruning.macs,
+                               accuracy_after_pruning=after_pruning.accuracy,
+                               accuracy_after_recovery=recovered))
+        log.info("pruning step %d/%d: %d params, %d MACs", i + 1, cfg.iterative_steps,
+                 after_pruning.params, after_pruning.macs)
+    return steps, after_pruning
+
+
 def prune_model(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -396,10 +325,8 @@ def prune_model(
         model: a classifier; its last ``nn.Linear`` (the classifier) is never pruned.
         example_input: one input batch (e.g. ``(1, C, H, W)``) used to trace the graph.
         cfg: importance, ratio, global/local, iterative steps, round_to, ignored layers.
-        recover: ``recover(model, step_index)`` after every pruning step (0-based index),
-            e.g. a short KD fine-tune; it trains ``model`` in place.
-        taylor_loss_fn: ``loss_fn(model) -> scalar`` on a few training batches; required
-            for ``importance: taylor`` (its gradients rank the channels).
+        recover: ``recover(model, step_index)`` after every step (0-based), e.g. KD.
+        taylor_loss_fn: ``loss_fn(model) -> scalar``, needed by ``importance: taylor``.
         evaluate_fn: ``evaluate_fn(model) -> accuracy`` for the report.
         latency_repeats: timed batch-1 forward passes per latency measurement.
 
@@ -421,65 +348,27 @@ def prune_model(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     names = {m: n for n, m in model.named_modules()}
     ignored = _resolve_ignored(model, cfg.ignored_layers)
-    before = measure_model(model, input_shape, evaluate_fn=evaluate_fn, latency_repeats=latency_repeats)
-    channels_before = _out_channels(model)
 
+    def stats() -> ModelStats:
+        return measure_model(model, input_shape, evaluate_fn=evaluate_fn,
+                             latency_repeats=latency_repeats)
+
+    before, channels_before = stats(), _out_channels(model)
     # Eval mode while tracing and pruning: a train-mode forward would update BN statistics.
     model.eval()
     pruner = _build_pruner(model, example_input.to(device), cfg, ignored)
     _check_no_layer_emptied(pruner, names, cfg)
-    initial = dict(pruner.layer_init_out_ch)
-    steps: list[PruneStep] = []
-    after_pruning: ModelStats | None = None
-    for i in range(cfg.iterative_steps):
-        model.eval()
-        if taylor_loss_fn is not None and cfg.importance == "taylor":
-            _taylor_gradients(model, taylor_loss_fn)
-        # RandomImportance draws from torch's global RNG: seed it so runs repeat.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.recovery.seed + i)
-            _prune_step(pruner, names, initial, cfg)
-        model.zero_grad(set_to_none=True)
-        example = example_input.to(next(model.parameters()).device)
-        _check_forward(model, example, i + 1)
-        after_pruning = measure_model(
-            model, input_shape, evaluate_fn=evaluate_fn, latency_repeats=latency_repeats
-        )
-        recovered_acc = None
-        if recover is not None:
-            recover(model, i)
-            recovered_acc = float(evaluate_fn(model)) if evaluate_fn is not None else None
-        steps.append(
-            PruneStep(
-                step=i + 1,
-                target_ratio=float(pruner.per_step_pruning_ratio[i + 1]),
-                params=after_pruning.params,
-                macs=after_pruning.macs,
-                accuracy_after_pruning=after_pruning.accuracy,
-                accuracy_after_recovery=recovered_acc,
-            )
-        )
-        log.info("pruning step %d/%d: %d params, %d MACs", i + 1, cfg.iterative_steps,
-                 after_pruning.params, after_pruning.macs)
-    assert after_pruning is not None  # iterative_steps >= 1 (PruneConfig)
-    after_recovery = None
-    if recover is not None:
-        after_recovery = measure_model(
-            model, input_shape, evaluate_fn=evaluate_fn, latency_repeats=latency_repeats
-        )
+    steps, after_pruning = _pruning_steps(model, pruner, names, example_input, cfg, stats,
+                                          recover, taylor_loss_fn, evaluate_fn)
+    after_recovery = stats() if recover is not None else None
     model.train(was_training)
     channels_after = _out_channels(model)
     _warn_off_block(model, channels_before, channels_after)
-    return PruneReport(
-        config=cfg.model_dump(mode="json"),
-        before=before,
-        after_pruning=after_pruning,
-        after_recovery=after_recovery,
-        steps=steps,
-        channels={
-            n: (c, channels_after[n]) for n, c in channels_before.items() if channels_after[n] != c
-        },
-    )
+    changed = {n: (c, channels_after[n]) for n, c in channels_before.items()
+               if channels_after[n] != c}
+    return PruneReport(config=cfg.model_dump(mode="json"), before=before,
+                       after_pruning=after_pruning, after_recovery=after_recovery, steps=steps,
+                       channels=changed)
 
 
 CPU_CHANNEL_BLOCK = 8
@@ -504,62 +393,3 @@ def _warn_off_block(model: nn.Module, before: dict[str, int], after: dict[str, i
             "Runtime's CPU kernels work in blocks of 8 (AVX2) or 16 (AVX-512) channels, so the "
             "pruned model may be barely faster than its MACs suggest; set prune.round_to: 16",
             len(off), sample, ", ..." if len(off) > 4 else "")
-
-
-# -------------------------------------------------------------- pipeline wiring
-def prune_and_recover(
-    student: Bundle,
-    teacher: Bundle,
-    dataset_spec: DatasetSpec,
-    prune_cfg: PruneConfig,
-    distill_cfg: DistillConfig,
-) -> tuple[Bundle, PruneReport]:
-    """Prune a copy of the student and distil it back from the teacher after each step.
-
-    Recovery uses kdpipe's one training loop (:func:`kdpipe.train.fit`) with a
-    :class:`~kdpipe.train.DistillationTask` and ``prune_cfg.recovery``; accuracies in
-    the report are on the validation split (the test split stays untouched for the
-    evaluation step). The input bundles are not modified.
-
-    Returns:
-        The pruned student as a new bundle (its ``spec.extra["prune_report"]`` holds the
-        report) and the report.
-    """
-    from kdpipe.bundle import Bundle
-    from kdpipe.data import make_loader
-    from kdpipe.train import DistillationTask, evaluate, fit
-
-    model = copy.deepcopy(student.model).cpu()
-    train_loader = make_loader(dataset_spec, "train", train=True, seed=prune_cfg.recovery.seed)
-    val_loader = make_loader(dataset_spec, "val", train=False)
-
-    def evaluate_fn(m: nn.Module) -> float:
-        return evaluate(m, val_loader).accuracy
-
-    def recover(m: nn.Module, step: int) -> None:
-        # A fresh task per step: a feature-loss regressor must match the new channel counts.
-        task = DistillationTask(teacher.model, distill_cfg)
-        fit(m, task, train_loader, val_loader, prune_cfg.recovery,
-            desc=f"recover {step + 1}/{prune_cfg.iterative_steps}")
-
-    def taylor_loss(m: nn.Module) -> torch.Tensor:
-        x, y, _ = next(iter(make_loader(dataset_spec, "train", train=True, seed=0)))
-        device = next(m.parameters()).device
-        return nn.functional.cross_entropy(m(x.to(device)), y.to(device))
-
-    example = torch.zeros(1, *dataset_spec.input_shape)
-    report = prune_model(
-        model, example, prune_cfg, recover=recover, taylor_loss_fn=taylor_loss,
-        evaluate_fn=evaluate_fn,
-    )
-    pruned = Bundle.from_model(
-        model.cpu().eval(),
-        arch=student.spec.arch,
-        kwargs=student.spec.kwargs,
-        classes=student.spec.classes,
-        input_shape=student.spec.input_shape,
-        mean=student.spec.mean,
-        std=student.spec.std,
-        extra={**student.spec.extra, "prune_report": report.model_dump(mode="json")},
-    )
-    return pruned, report
