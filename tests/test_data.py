@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdpipe import data
+from kdpipe import data, sources
 from kdpipe.config import DataConfig
 from kdpipe.data import DataError, DatasetSpec, build_dataset_spec, get_split, make_loader
 
@@ -94,12 +94,12 @@ def test_split_and_fingerprint_match_recorded_values():
 
 def test_fingerprint_changes_with_one_pixel_of_in_memory_data():
     cfg = DataConfig(source="digits")
-    src = data._digits_arrays()
+    src = sources._digits_arrays()
     images = src.images.copy()
-    same = data._ArraySource(images, src.labels, src.classes, scale=16.0)
+    same = sources._ArraySource(images, src.labels, src.classes, scale=16.0)
     images2 = images.copy()
     images2[100, 0, 3, 4] = (images2[100, 0, 3, 4] + 1) % 17
-    changed = data._ArraySource(images2, src.labels, src.classes, scale=16.0)
+    changed = sources._ArraySource(images2, src.labels, src.classes, scale=16.0)
     base = build_dataset_spec(cfg).fingerprint
     assert data._spec_from_source(cfg, same).fingerprint == base
     assert data._spec_from_source(cfg, changed).fingerprint != base

