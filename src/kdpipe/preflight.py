@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kdpipe.config import DataConfig, ModelConfig, PipelineConfig
-from kdpipe.data import TORCHVISION_NAMES, DataError, open_torchvision_split
+from kdpipe.sources import TORCHVISION_NAMES, DataError, open_torchvision_split
 from kdpipe.models_tv import pretrained_file
 from kdpipe.validate import Problem
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kdpipe.config import ConfigError, DataConfig, ModelConfig, PipelineConfig, TrainConfig
-from kdpipe.data import SOURCES, TORCHVISION_NAMES
+from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 from kdpipe.models import MODELS, nearest_module_paths
 from kdpipe.optim import OPTIMIZERS, SCHEDULERS
 from kdpipe.prune import IMPORTANCES
