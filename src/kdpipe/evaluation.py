@@ -18,7 +18,6 @@ comparison in the gate.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +25,21 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from kdpipe.config import EvalConfig
+from kdpipe.eval_report import (
+    CANDIDATE,
+    PYTORCH_MODELS,
+    EvaluationError,
+    EvaluationReport,
+    LatencyStats,
+    ModelEvaluation,
+    ProductionComparison,
+)
 
 __all__ = [
     "CANDIDATE",
+    "PYTORCH_MODELS",
     "EvaluationError",
     "EvaluationReport",
     "LatencyStats",
@@ -42,163 +50,6 @@ __all__ = [
     "evaluate_models",
     "onnx_session",
 ]
-
-CANDIDATE = "onnx"
-"""Key of the model that would be promoted: the exported ONNX student."""
-PYTORCH_MODELS = ("teacher", "student", "pruned_student")
-
-
-class EvaluationError(RuntimeError):
-    """An evaluation could not be carried out (unreadable model, wrong output shape...)."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-# --------------------------------------------------------------------------- report
-class LatencyStats(_Frozen):
-    """Wall-clock latency of one forward pass at a given batch size."""
-
-    batch_size: int
-    p50_ms: float
-    p95_ms: float
-    mean_ms: float
-
-
-class ModelEvaluation(_Frozen):
-    """What one model achieved on the evaluation split."""
-
-    name: str
-    runtime: Literal["pytorch", "onnxruntime"]
-    accuracy: float
-    per_class_accuracy: list[float | None]
-    """Recall per class, in the order of :attr:`EvaluationReport.classes`; ``None`` for a
-    class without samples in the split (JSON has no NaN)."""
-    confusion: list[list[int]]
-    """``confusion[true][predicted]`` counts."""
-    num_samples: int
-    params: int | None = None
-    macs: int | None = None
-    size_bytes: int | None = None
-    """Serialized weights (PyTorch) or the .onnx file's size."""
-    latency: list[LatencyStats] = []
-
-    def latency_at(self, batch_size: int) -> LatencyStats | None:
-        """The latency measured at ``batch_size``, or None when not measured."""
-        return next((s for s in self.latency if s.batch_size == batch_size), None)
-
-
-class ProductionComparison(_Frozen):
-    """Whether the current production student could be compared, and how it did."""
-
-    status: Literal["evaluated", "absent", "incompatible", "unreadable"]
-    reason: str
-    """Human-readable: ``no production model``, ``classes differ: ...``, ..."""
-    version: str | None = None
-    evaluation: ModelEvaluation | None = None
-
-
-class EvaluationReport(_Frozen):
-    """Every model's numbers on one split: the ``evaluation`` artifact."""
-
-    split: str
-    classes: list[str]
-    input_shape: tuple[int, int, int]
-    dataset_fingerprint: str
-    models: dict[str, ModelEvaluation]
-    """Keys: ``teacher``, ``student``, ``pruned_student`` (PyTorch) and ``onnx``."""
-    parity_max_abs_diff: float
-    """max |ONNX Runtime output - pruned PyTorch output| over the whole split."""
-    production: ProductionComparison
-
-    @property
-    def candidate(self) -> ModelEvaluation:
-        """The model that would be promoted (the ONNX export of the pruned student)."""
-        return self.models[CANDIDATE]
-
-    def compression(self, metric: Literal["params", "macs"]) -> float | None:
-        """Teacher / candidate ratio of ``params`` or ``macs`` (None when unmeasured)."""
-        teacher = getattr(self.models["teacher"], metric)
-        candidate = getattr(self.candidate, metric)
-        if not teacher or not candidate:
-            return None
-        return teacher / candidate
-
-    def metadata(self) -> dict[str, float | int | str]:
-        """Flat key -> value summary for the ZenML dashboard and MLflow."""
-        out: dict[str, float | int | str] = {
-            "split": self.split,
-            "num_samples": self.candidate.num_samples,
-            "dataset_fingerprint": self.dataset_fingerprint,
-            "parity_max_abs_diff": self.parity_max_abs_diff,
-            "production_status": self.production.status,
-            "production_reason": self.production.reason,
-        }
-        for name, ev in self.models.items():
-            out[f"{name}_accuracy"] = ev.accuracy
-            for key in ("params", "macs", "size_bytes"):
-                if getattr(ev, key) is not None:
-                    out[f"{name}_{key}"] = getattr(ev, key)
-            for lat in ev.latency:
-                out[f"{name}_p50_ms_b{lat.batch_size}"] = lat.p50_ms
-                out[f"{name}_p95_ms_b{lat.batch_size}"] = lat.p95_ms
-        for metric in ("params", "macs"):
-            ratio = self.compression(metric)
-            if ratio is not None:
-                out[f"compression_{metric}"] = ratio
-        if self.production.evaluation is not None:
-            out["production_accuracy"] = self.production.evaluation.accuracy
-            out["production_version"] = self.production.version or ""
-        return out
-
-    def to_html(self) -> str:
-        """A standalone HTML page: one row per model, then the candidate's confusion matrix."""
-        rows = [*self.models.values()]
-        if self.production.evaluation is not None:
-            rows.append(self.production.evaluation)
-        head = ("<tr><th>model</th><th>runtime</th><th>accuracy</th><th>params</th>"
-                "<th>MACs</th><th>size (MB)</th><th>latency p50 / p95 (ms)</th></tr>")
-        body = "".join(_model_row(ev) for ev in rows)
-        prod = html.escape(f"production: {self.production.status} ({self.production.reason})")
-        return (
-            f"<html><head><meta charset='utf-8'><style>{_CSS}</style></head><body>"
-            f"<h3>Evaluation on the {html.escape(self.split)} split "
-            f"({self.candidate.num_samples} samples)</h3>"
-            f"<table>{head}{body}</table>"
-            f"<p>ONNX Runtime vs pruned PyTorch: max |diff| = {self.parity_max_abs_diff:.3g}</p>"
-            f"<p>{prod}</p>"
-            f"<h3>Confusion matrix of the candidate (rows: true, columns: predicted)</h3>"
-            f"{_confusion_table(self.classes, self.candidate)}</body></html>"
-        )
-
-
-_CSS = ("table{border-collapse:collapse;font-family:sans-serif;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "th{background:#f3f3f3}.hit{background:#d7f0d7}")
-
-
-def _fmt(value: float | int | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def _model_row(ev: ModelEvaluation) -> str:
-    lat = "; ".join(f"b{s.batch_size}: {s.p50_ms:.3g} / {s.p95_ms:.3g}" for s in ev.latency)
-    size_mb = None if ev.size_bytes is None else ev.size_bytes / 1e6
-    cells = [html.escape(ev.name), ev.runtime, f"{ev.accuracy:.4f}", _fmt(ev.params, ","),
-             _fmt(ev.macs, ","), _fmt(size_mb, ".3f"), lat or "–"]
-    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-
-
-def _confusion_table(classes: Sequence[str], ev: ModelEvaluation) -> str:
-    head = "<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in classes) + "</tr>"
-    rows = []
-    for i, (name, counts) in enumerate(zip(classes, ev.confusion, strict=True)):
-        cells = "".join(f"<td class='{'hit' if i == j else ''}'>{n}</td>"
-                        for j, n in enumerate(counts))
-        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
-
 
 # ---------------------------------------------------------------------- computing
 @dataclass(frozen=True)
@@ -346,6 +197,32 @@ def _check_logits(name: str, out: np.ndarray, batch: int, num_classes: int) -> N
             f"expected ({batch}, {num_classes}) logits (one per class of the dataset)")
 
 
+def _one_pass(dataset: Any, split: str, bundles: dict[str, Any],
+              norms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+              onnx_run: Callable[[np.ndarray], np.ndarray],
+              prod_run: Callable[[np.ndarray], np.ndarray] | None) -> tuple[dict[str, _Tally], float]:
+    """Every model on every sample of ``split`` once; per-model tallies and the parity error."""
+    from kdpipe.data import make_loader
+
+    k = len(dataset.classes)
+    tallies = {name: _Tally() for name in (*bundles, CANDIDATE, "production")}
+    parity = 0.0
+    loader = make_loader(dataset, split, train=False, normalize=False)
+    with torch.inference_mode():
+        for x, y, *_ in loader:
+            y_np, n = y.numpy(), len(y)
+            outs = {name: b.model(norms[name](x)).float().numpy() for name, b in bundles.items()}
+            outs[CANDIDATE] = onnx_run(x.numpy())
+            for name, out in outs.items():
+                _check_logits(name, out, n, k)
+                tallies[name].add(out, y_np)
+            # Parity on every sample of the split, not only on the export's example input.
+            parity = max(parity, float(np.abs(outs[CANDIDATE] - outs["pruned_student"]).max()))
+            if prod_run is not None:
+                tallies["production"].add(prod_run(x.numpy()), y_np)
+    return tallies, parity
+
+
 def evaluate_models(
     dataset: Any,
     teacher: Any,
@@ -362,9 +239,8 @@ def evaluate_models(
 
     Args:
         dataset: the :class:`kdpipe.data.DatasetSpec`.
-        teacher: a :class:`kdpipe.bundle.Bundle` (``.model``, ``.spec.mean`` / ``.std``).
-        student: likewise.
-        pruned_student: likewise; the model the ONNX file was exported from.
+        teacher, student, pruned_student: :class:`kdpipe.bundle.Bundle` values
+            (``.model``, ``.spec.mean`` / ``.std``); the ONNX file is the pruned student's.
         onnx_path: the exported student (raw-pixel input, normalisation inside).
         cfg: latency batch sizes, repeats and warm-up.
         production: the current production student, or None.
@@ -372,14 +248,11 @@ def evaluate_models(
         split: the split to evaluate on.
 
     Returns:
-        The report; an incompatible or unreadable production model is a recorded reason,
-        never an exception.
+        The report; an incompatible or unreadable production model is a recorded reason.
 
     Raises:
-        EvaluationError: the candidate ONNX model cannot be loaded or returns outputs that
-            are not one logit per dataset class.
+        EvaluationError: the candidate ONNX model is unreadable or not one logit per class.
     """
-    from kdpipe.data import make_loader
     from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
 
     shape, k = tuple(dataset.input_shape), len(dataset.classes)
@@ -389,23 +262,7 @@ def evaluate_models(
         b.model.eval()
     onnx_run = _ort_runner(onnx_session(onnx_path), f"the ONNX model {onnx_path}")
     prod_run, prod_status = _open_production(production, production_reason, dataset)
-
-    tallies = {name: _Tally() for name in (*bundles, CANDIDATE, "production")}
-    parity = 0.0
-    loader = make_loader(dataset, split, train=False, normalize=False)
-    with torch.inference_mode():
-        for x, y, *_ in loader:
-            y_np, n = y.numpy(), len(y)
-            outs = {name: b.model(norms[name](x)).float().numpy() for name, b in bundles.items()}
-            outs[CANDIDATE] = onnx_run(x.numpy())
-            for name, out in outs.items():
-                _check_logits(name, out, n, k)
-                tallies[name].add(out, y_np)
-            # Parity on every sample of the split, not only on the export's example input.
-            parity = max(parity, float(np.abs(outs[CANDIDATE] - outs["pruned_student"]).max()))
-            if prod_run is not None:
-                tallies["production"].add(prod_run(x.numpy()), y_np)
-
+    tallies, parity = _one_pass(dataset, split, bundles, norms, onnx_run, prod_run)
     models = {
         name: tallies[name].result(
             name, "pytorch", k, params=count_params(b.model), macs=count_macs(b.model, shape),

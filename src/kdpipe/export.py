@@ -32,11 +32,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 import kdpipe
 from kdpipe.config import ExportConfig
+from kdpipe.export_report import (
+    ExportError,
+    ExportResult,
+    ParityBatch,
+    ParityError,
+    ParityReport,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -63,75 +69,6 @@ OUTPUT_NAME = "logits"
 EXPORT_SEED = 0
 PARITY_SEED = 1  # differs from EXPORT_SEED: parity must not reuse the traced example
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class ExportError(RuntimeError):
-    """The ONNX exporter (named in the message) or the ONNX checker failed."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ParityBatch(_Frozen):
-    """ONNX Runtime vs PyTorch on one batch."""
-
-    batch_size: int
-    max_abs_error: float
-    max_rel_error: float
-    """max |onnx - torch| / |torch| over elements with |torch| > 0."""
-    passed: bool
-
-
-class ParityReport(_Frozen):
-    """Parity at every checked batch size, against ``atol`` / ``rtol``."""
-
-    atol: float
-    rtol: float
-    seed: int
-    batches: list[ParityBatch]
-
-    @property
-    def passed(self) -> bool:
-        return all(b.passed for b in self.batches)
-
-    @property
-    def max_abs_error(self) -> float:
-        return max(b.max_abs_error for b in self.batches)
-
-    @property
-    def max_rel_error(self) -> float:
-        return max(b.max_rel_error for b in self.batches)
-
-    def describe(self) -> str:
-        """One line per batch size, for logs and error messages."""
-        return "; ".join(
-            f"batch {b.batch_size}: max abs {b.max_abs_error:.3g}, max rel {b.max_rel_error:.3g}"
-            f" ({'ok' if b.passed else 'FAILED'})"
-            for b in self.batches
-        ) + f" [atol {self.atol:g}, rtol {self.rtol:g}]"
-
-
-class ParityError(RuntimeError):
-    """ONNX Runtime's outputs differ from PyTorch's beyond tolerance."""
-
-    def __init__(self, message: str, report: ParityReport) -> None:
-        super().__init__(message)
-        self.report = report
-
-
-class ExportResult(_Frozen):
-    """The exported file, its identity, metadata and parity."""
-
-    path: str
-    filename: str
-    sha256: str
-    """sha256 hex of the .onnx file."""
-    size_bytes: int
-    opset: int
-    exporter: str
-    metadata: dict[str, str]
-    parity: ParityReport
 
 
 # ------------------------------------------------------------------- wrapping
@@ -248,6 +185,39 @@ def _write_atomic(data: bytes, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _checked_proto(bundle: Bundle, cfg: ExportConfig, metadata: dict[str, str]) -> Any:
+    """The exported graph with kdpipe's metadata, under the size limit and checker-clean."""
+    import onnx
+
+    module = with_preprocessing(bundle)
+    example = _random_pixels(2, bundle.spec.input_shape, EXPORT_SEED)  # batch 2: not specialised
+    try:
+        proto = _EXPORTERS[cfg.exporter](module, example, cfg.opset)
+    except Exception as err:  # exporters raise many types; all mean "this exporter failed"
+        other = "torchscript" if cfg.exporter == "dynamo" else "dynamo"
+        raise ExportError(
+            f"the {cfg.exporter} ONNX exporter failed on {bundle.spec.arch!r} "
+            f"(opset {cfg.opset}): {_clean(err)}\nFix: make the forward pass exportable, "
+            f"try export.exporter: {other}, or another export.opset"
+        ) from err
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = f"kdpipe {bundle.spec.arch}: raw [0, 1] pixels in, logits out"
+    if proto.ByteSize() >= 2**31:
+        raise ExportError(
+            f"{bundle.spec.arch!r} is {proto.ByteSize() / 2**30:.1f} GiB as ONNX, above the "
+            "2 GB limit of a single self-contained file"
+        )
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as err:  # ValidationError / InferenceError
+        raise ExportError(
+            f"the {cfg.exporter} exporter produced a graph onnx.checker rejects: {_clean(err)}"
+        ) from err
+    return proto
+
+
 def export_onnx(
     bundle: Bundle,
     path: str | os.PathLike[str],
@@ -273,36 +243,9 @@ def export_onnx(
             so the model is not handed on. With ``check_parity: false`` the failure is
             recorded in the result (``parity.passed`` is False) instead.
     """
-    import onnx
-
     target = Path(path)
-    module = with_preprocessing(bundle)
-    example = _random_pixels(2, bundle.spec.input_shape, EXPORT_SEED)  # batch 2: not specialised
-    try:
-        proto = _EXPORTERS[cfg.exporter](module, example, cfg.opset)
-    except Exception as err:  # exporters raise many types; all mean "this exporter failed"
-        other = "torchscript" if cfg.exporter == "dynamo" else "dynamo"
-        raise ExportError(
-            f"the {cfg.exporter} ONNX exporter failed on {bundle.spec.arch!r} "
-            f"(opset {cfg.opset}): {_clean(err)}\nFix: make the forward pass exportable, "
-            f"try export.exporter: {other}, or another export.opset"
-        ) from err
     metadata = _metadata(bundle, source_run)
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        proto.metadata_props.add(key=key, value=value)
-    proto.doc_string = f"kdpipe {bundle.spec.arch}: raw [0, 1] pixels in, logits out"
-    if proto.ByteSize() >= 2**31:
-        raise ExportError(
-            f"{bundle.spec.arch!r} is {proto.ByteSize() / 2**30:.1f} GiB as ONNX, above the "
-            "2 GB limit of a single self-contained file"
-        )
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as err:  # ValidationError / InferenceError
-        raise ExportError(
-            f"the {cfg.exporter} exporter produced a graph onnx.checker rejects: {_clean(err)}"
-        ) from err
+    proto = _checked_proto(bundle, cfg, metadata)
     data = proto.SerializeToString()
     _write_atomic(data, target)
     parity = check_parity(bundle, target, cfg)
