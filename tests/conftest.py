@@ -28,6 +28,10 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pytest  # noqa: E402
+# ZenML's console log handler holds the sys.stdout it found at import: import it now, while
+# pytest's session-wide capture is active, not first inside a test whose capsys streams are
+# closed afterwards (later ZenML log lines would then fail with "--- Logging error ---").
+import zenml.logger  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
