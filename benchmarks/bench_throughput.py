@@ -187,7 +187,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]], spec: DatasetSpec,
                    "ratios_vs_plain": [r["ratio_vs_plain"] for r in rows],
                    "test_accuracy": mean_std([r["test_accuracy"] for r in rows]),
                    "max_weight_diff_vs_plain": max(r["max_weight_diff_vs_plain"] for r in rows),
-                   "max_lr_diff_vs_plain": max(r["lr_diff_vs_plain"] for r in rows)}
+                   "max_lr_diff_vs_plain": max(r["lr_diff_vs_plain"] for r in rows),
+                   "median_cpu_seconds": statistics.median(r["cpu_seconds"] for r in rows),
+                   "teacher_in_eval_mode": all(r["teacher_in_eval_mode"] for r in rows)}
         if all("steady_images_per_s" in r for r in rows):
             summary["median_steady_images_per_s"] = statistics.median(r["steady_images_per_s"] for r in rows)
         out[variant] = summary

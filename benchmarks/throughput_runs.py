@@ -171,7 +171,7 @@ def run_torchdistill(student: nn.Module, teacher: nn.Module, loader: DataLoader,
         lrs.append(lr)
         box.post_epoch_process()
     box.clean_modules()
-    return {"lr_last_step": lrs, "teacher_training_mode": teacher.training}
+    return {"lr_last_step": lrs}
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -198,13 +198,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     student = load_model(job["student"], job["student_weights"], spec.num_classes, spec.in_channels)
     n = len(loader.dataset)
     images = job["epochs"] * (n - (n % loader.batch_size if loader.drop_last else 0))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     extra = RUNNERS[job["variant"]](student, teacher, loader, job)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     torch.save(student.state_dict(), job["trained_weights"])
     record = {"variant": job["variant"], "seed": job["seed"], "epochs": job["epochs"],
               "steps": job["epochs"] * len(loader), "images": images, "seconds": seconds,
-              "images_per_s": images / seconds, "torch_threads": torch.get_num_threads(), **extra}
+              "images_per_s": images / seconds, "cpu_seconds": cpu_seconds,
+              "teacher_in_eval_mode": not teacher.training, "torch_threads": torch.get_num_threads(),
+              **extra}
     if "epoch_seconds" in extra:  # fit's own per-epoch clock: excludes set-up (the caching pass)
         record["steady_images_per_s"] = images / sum(extra["epoch_seconds"])
     return record
