@@ -74,6 +74,10 @@ DIFFERENCES = (
     "not by tensor rank.",
     "torchdistill is driven by the loop of its example scripts without their per-step logging "
     "(`loss.item()`, meters): no host sync per step, as in the plain loop.",
+    "kdpipe's KL takes log-space targets (`log_target=True`), the plain loop's and torchdistill's "
+    "probabilities: the same loss up to float rounding, which AdamW's normalisation amplifies in "
+    "weights whose gradients are near zero (hence kdpipe's small weight differences; torchdistill "
+    "runs the plain loop's ops in the same order, so its students match bit for bit).",
 )
 
 
