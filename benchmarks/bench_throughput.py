@@ -77,7 +77,7 @@ DIFFERENCES = (
     "kdpipe's KL takes log-space targets (`log_target=True`), the plain loop's and torchdistill's "
     "probabilities: the same loss up to float rounding, which AdamW's normalisation amplifies in "
     "weights whose gradients are near zero (hence kdpipe's small weight differences; torchdistill "
-    "runs the plain loop's ops in the same order, so its students match bit for bit).",
+    "runs the plain loop's ops in the same order, so its students can match bit for bit).",
 )
 
 
