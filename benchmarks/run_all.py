@@ -263,6 +263,10 @@ def _goal_text(goal: dict[str, Any] | None, fmt: str) -> str:
     return f"{_verdict(goal['met'])} ({fmt.format(goal['value'])})"
 
 
+OLD_THROUGHPUT = ("_Not available: `throughput.json` predates the side-by-side comparison with "
+                  "torchdistill; re-run it (`python benchmarks/run_all.py --only throughput`)._")
+
+
 def _accuracy_goal(goal: dict[str, Any] | None) -> str:
     if goal is None:
         return "not measured"
@@ -273,6 +277,8 @@ def _accuracy_goal(goal: dict[str, Any] | None) -> str:
 def render_throughput(doc: dict[str, Any]) -> str:
     """The four KD loops side by side: images/s, ratio to the plain loop, test accuracy."""
     st, r = doc["settings"], doc["results"]
+    if "variants" not in r:
+        return "\n".join(["## 2. Training throughput", "", OLD_THROUGHPUT])
     variants, goals = r["variants"], r["goals"]
     out = ["## 2. Training throughput", "",
            f"Student `{st['student']}` distilled from `{st['teacher']}` (trained {st['teacher_epochs']} "
@@ -521,8 +527,10 @@ def render_headlines(results: dict[str, Any], run_info: dict[str, Any] | None) -
             lines.append(f"- {source}: KD student {_acc(acc['kd'])} % vs student alone {_acc(acc['alone'])} % "
                          f"vs teacher {_acc(acc['teacher'])} %; {100 * summ['of_teacher']['kd']:.1f} % of the "
                          f"teacher's accuracy with 1/{ratio:.1f} of its params.")
-    if _status("throughput", results, run_info) is None:
-        r = results["throughput"]["results"]
+    r = results.get("throughput", {}).get("results", {})
+    if _status("throughput", results, run_info) is None and "variants" not in r:
+        lines.append("- Training throughput: " + OLD_THROUGHPUT)
+    elif _status("throughput", results, run_info) is None:
         v, g = r["variants"], r["goals"]
         short = {"torchdistill": "torchdistill", "kdpipe": "kdpipe without cache",
                  "kdpipe_cached": "kdpipe with cache"}
