@@ -172,7 +172,7 @@ def max_weight_diff(a: str, b: str) -> float:
     return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa if sa[k].is_floating_point())
 
 
-def test_accuracy(spec: DatasetSpec, args: argparse.Namespace, weights: str) -> float:
+def student_test_accuracy(spec: DatasetSpec, args: argparse.Namespace, weights: str) -> float:
     model = create_model(args.student, spec.num_classes, spec.in_channels)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return evaluate(model, make_loader(spec, "test", train=False), "cpu").accuracy
@@ -185,7 +185,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], spec: DatasetSpec,
     out: dict[str, Any] = {}
     for variant, rows in runs.items():
         for row, base in zip(rows, plain, strict=True):
-            row["test_accuracy"] = test_accuracy(spec, args, row["trained_weights"])
+            row["test_accuracy"] = student_test_accuracy(spec, args, row["trained_weights"])
             row["max_weight_diff_vs_plain"] = max_weight_diff(row["trained_weights"], base["trained_weights"])
             row["ratio_vs_plain"] = row["images_per_s"] / base["images_per_s"]
             row["lr_diff_vs_plain"] = max(abs(a - b) for a, b in zip(row["lr_last_step"], base["lr_last_step"],
