@@ -1,10 +1,11 @@
 # make run  : create/update .venv, install kdpipe, run the default pipeline
 # make test : create/update .venv, install kdpipe[dev], run the test suite
-# make bench: run the benchmarks and rewrite BENCHMARKS.md
+# make bench: install kdpipe[dev,bench] (adds torchdistill), run the benchmarks, rewrite BENCHMARKS.md
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: run test bench lint clean
 
@@ -18,6 +19,12 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The bench extra (torchdistill, a comparison baseline) only for `make bench`: `make test`
+# and `make run` never install it. [dev,bench] includes [dev], so the dev stamp is fresh too.
+$(BENCH_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $(STAMP) $(BENCH_STAMP)
+
 install: $(STAMP)
 
 run: $(STAMP)
@@ -26,7 +33,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
 
 lint: $(STAMP)
