@@ -25,6 +25,8 @@ def test_shipped_defaults_have_no_problem() -> None:
     ({"teacher": {"model": {"arch": "resnet21"}}}, "parameters.teacher.model.arch"),
     ({"student": {"model": {"arch": "cnn_small", "weights": "DEFAULT"}}},
      "parameters.student.model.weights"),
+    ({"teacher": {"model": {"arch": "tv_resnet18", "weights": "DEFAULT", "checkpoint": "t.pt"}}},
+     "parameters.teacher.model.weights"),
     ({"student": {"train": {"optimizer": "adam"}}}, "parameters.student.train.optimizer"),
     ({"teacher": {"train": {"scheduler": "linear"}}}, "parameters.teacher.train.scheduler"),
     ({"student": {"train": {"scheduler": "step"}}}, "parameters.student.train.step_milestones"),

@@ -156,6 +156,9 @@ def _model_problems(cfg: ModelConfig, path: str) -> list[Problem]:
         found.append(Problem(f"{path}.kwargs.{name}",
                              f"{cfg.arch!r} takes no option {name!r}{hint}; it accepts: "
                              f"{', '.join(options) or 'no options'}"))
+    if cfg.weights is not None and cfg.checkpoint is not None:
+        found.append(Problem(f"{path}.weights", "set either weights (pretrained torchvision "
+                                                "weights) or checkpoint (your own file), not both"))
     if cfg.weights is not None and "weights" not in params:
         found.append(Problem(f"{path}.weights",
                              f"{cfg.arch!r} has no pretrained weights; use one of "
