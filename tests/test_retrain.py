@@ -1,6 +1,6 @@
 """Retraining: ``teacher.init: production`` warm-starts from the production version's teacher.
 
-Three runs of the smoke pipeline through the real CLI, on the test session's isolated
+Three runs of the smoke pipeline through the CLI's code (in this process), on the test session's isolated
 ZenML store and MLflow database, under a model name of their own:
 
 1. ``cold``: no production version yet → the teacher trains from scratch (and says so),
@@ -13,8 +13,7 @@ ZenML store and MLflow database, under a model name of their own:
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +42,20 @@ def _config(tmp: Path, name: str, *, strict_gate: bool) -> Path:
     return path
 
 
-def _run(config: Path, run_name: str) -> Any:
-    result = subprocess.run(
-        [sys.executable, "run_pipeline.py", "--config", str(config), "--run-name", run_name],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory,
+         run_in_process: Callable[..., tuple[int, str, str]]) -> dict[str, Any]:
     from zenml.client import Client
 
-    return Client().get_pipeline_run(run_name)
+    def run(config: Path, run_name: str) -> Any:
+        code, out, err = run_in_process("--config", str(config), "--run-name", run_name)
+        assert code == 0, out[-3000:] + err[-3000:]
+        return Client().get_pipeline_run(run_name)
 
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("retrain")
     strict = _config(tmp, "strict", strict_gate=True)
-    return {"cold": _run(_config(tmp, "cold", strict_gate=False), "retrain-cold"),
-            "warm": _run(strict, "retrain-warm"), "again": _run(strict, "retrain-again")}
+    return {"cold": run(_config(tmp, "cold", strict_gate=False), "retrain-cold"),
+            "warm": run(strict, "retrain-warm"), "again": run(strict, "retrain-again")}
 
 
 def _teacher_step(run: Any) -> Any:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kdpipe.config import DataConfig, ModelConfig, PipelineConfig
-from kdpipe.sources import TORCHVISION_NAMES, DataError, open_torchvision_split
 from kdpipe.models_tv import pretrained_file
+from kdpipe.sources import TORCHVISION_NAMES, DataError, open_torchvision_split
 from kdpipe.validate import Problem
 
 __all__ = ["preflight", "url_reachable"]

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from kdpipe.config import ConfigError, DataConfig, ModelConfig, PipelineConfig, TrainConfig
-from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 from kdpipe.models import MODELS, nearest_module_paths
 from kdpipe.optim import OPTIMIZERS, SCHEDULERS
 from kdpipe.prune import IMPORTANCES
 from kdpipe.registry import Registry
+from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 
 __all__ = ["ConfigProblems", "Problem", "find_problems", "meta_model", "validate"]
 
