@@ -324,11 +324,13 @@ def _trained_bundle(
     extra: dict[str, Any],
 ) -> Bundle:
     """A recipe's result: ``model`` in eval mode, measured on the test split, as a bundle
-    whose ``spec.extra`` holds its role, history, metrics, test confusion and dataset
-    fingerprint, plus ``extra``."""
+    whose ``spec.extra`` holds its role, history, metrics (``val_accuracy`` when known),
+    test confusion and dataset fingerprint, plus ``extra``."""
     model.eval()
     test = measure(model, dataset, "test", device)
-    metrics = {"val_accuracy": val_accuracy, **{k: test[k] for k in _TEST_METRICS}}
+    metrics: dict[str, Any] = {k: test[k] for k in _TEST_METRICS}
+    if val_accuracy is not None:  # absent for a student handed on unpruned (no recovery ran)
+        metrics["val_accuracy"] = val_accuracy
     return _bundle(model, arch, dataset, extra={
         "role": role,
         "history": history,
