@@ -434,7 +434,7 @@ def fit(
         desc: label for the progress bar, logs and errors.
 
     Under DDP (``cfg.num_processes`` > 1, called on every rank of a process group of that
-    size, e.g. by :mod:`kdpipe.distributed`'s workers) pass the same single-process loaders
+    size, e.g. by :mod:`kdpipe._worker`) pass the same single-process loaders
     on every rank: ``fit`` shards them itself (``train_loader.batch_size`` is the global
     batch). Metrics in the history are over all ranks; only rank 0 writes checkpoints;
     every rank calls ``callbacks`` (give rank 0 the ones with side effects).
