@@ -1,10 +1,9 @@
-"""Multi-process (DDP) training: kdpipe.distributed, the DDP path of kdpipe.train.fit and the
-recipes' torchrun launch (2 gloo processes on the CPU)."""
+"""Multi-process (DDP) training: kdpipe.ddp (rank side), kdpipe.launch and its worker
+(launcher side), the DDP path of kdpipe.train.fit and the recipes' torchrun launch (2 gloo
+processes on the CPU)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import tempfile
 import time
 
@@ -13,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from kdpipe import distributed, recipes
+from kdpipe import ddp, launch, recipes
+from kdpipe._worker import KILL_AT_ENV, parse_kill_at
 from kdpipe.bundle import load_bundle, save_bundle
 from kdpipe.config import (
     DataConfig,
@@ -24,14 +24,15 @@ from kdpipe.config import (
     TrainConfig,
 )
 from kdpipe.data import build_dataset_spec, make_loader
-from kdpipe.distributed import (
+from kdpipe.ddp import (
     DistributedConfigError,
-    DistributedTrainingError,
     ShardSampler,
     check_launch,
     distribute_loader,
     shard_loader,
 )
+from kdpipe.launch import DistributedTrainingError, JobDir
+from kdpipe.runtime import epoch_seed
 from kdpipe.train import evaluate
 
 # Global batch 64 → 32 per process; digits: 1,257 train / 180 val / 360 test samples.
@@ -195,15 +196,15 @@ def test_shard_sampler_covers_every_sample_once_without_padding() -> None:
 
 def test_reductions_are_identity_without_a_process_group() -> None:
     values = torch.tensor([1.5, 2.0], dtype=torch.float64)
-    assert torch.equal(distributed.all_reduce_sum(values), values)
-    assert distributed.world_size() == 1 and distributed.rank() == 0
-    assert distributed.is_main_process() and not distributed.is_active()
+    assert torch.equal(ddp.all_reduce_sum(values), values)
+    assert ddp.world_size() == 1 and ddp.rank() == 0
+    assert ddp.is_main_process() and not ddp.is_active()
 
 
 def test_sync_batchnorm_round_trip_keeps_types_and_state() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm1d(3)))
     original = [type(m) for m in model.modules()]
-    restore = distributed.sync_batchnorm(model)
+    restore = ddp.sync_batchnorm(model)
     assert isinstance(model[1], nn.SyncBatchNorm) and isinstance(model[2][0], nn.SyncBatchNorm)
     with torch.no_grad():
         model[1].running_mean.fill_(0.25)
@@ -212,6 +213,29 @@ def test_sync_batchnorm_round_trip_keeps_types_and_state() -> None:
     assert [type(m) for m in model.modules()] == original
     assert torch.allclose(model[1].running_mean, torch.full((4,), 0.25))
     assert torch.allclose(model[1].weight, torch.full((4,), 3.0))
+
+
+def test_epoch_seed_keeps_the_single_process_stream_and_separates_ranks_and_streams() -> None:
+    # Recorded: rank 0's data stream is what a single process always drew (seed * 1_000_003
+    # + epoch); other ranks are 7,919 apart; the global stream sits 2**40 above the data one.
+    assert epoch_seed(3, 1) == 3_000_010
+    assert epoch_seed(3, 2, 1) == 3_000_011 + 7_919
+    assert epoch_seed(3, 2, 1, stream="global") == 3_000_011 + 7_919 + 2**40
+    seeds = {epoch_seed(0, e, r, stream=s) for e in range(1, 51) for r in range(8)
+             for s in ("data", "global")}
+    assert len(seeds) == 50 * 8 * 2  # no (epoch, rank, stream) shares a seed
+    assert 0 <= epoch_seed(2**62, 5, 3, stream="global") < 2**63
+    with pytest.raises(ValueError, match="unknown seed stream 'dropout'; valid: data, global"):
+        epoch_seed(0, 1, stream="dropout")  # type: ignore[arg-type]
+
+
+def test_fault_switch_parses_rank_and_epoch_and_refuses_anything_else() -> None:
+    assert parse_kill_at("rank=1,epoch=2", world=2) == (1, 2)
+    assert parse_kill_at(" rank = 0 , epoch = 7 ", world=2) == (0, 7)
+    with pytest.raises(ValueError, match=r"expected 'rank=R,epoch=E'.*unset it outside tests"):
+        parse_kill_at("1:2", world=2)
+    with pytest.raises(ValueError, match=r"rank 2 does not exist in a run of 2 processes; use a rank in 0..1"):
+        parse_kill_at("rank=2,epoch=1", world=2)
 
 
 # Blocks of torchrun 2.14's failure summary, recorded after SIGKILL-ing rank 1: rank 0,
@@ -239,12 +263,12 @@ def torchrun_summary(other: str, root_cause: str) -> str:
 
 
 def test_failure_summary_names_the_rank_that_died_not_its_peer() -> None:
-    failures = distributed._parse_failures(torchrun_summary(PEER_FAILURE, KILLED))
+    failures = launch._parse_failures(torchrun_summary(PEER_FAILURE, KILLED))
     assert [(f.rank, f.exitcode) for f in failures] == [(1, -9), (0, 1)]  # root cause first
     assert failures[0].cause == "killed by SIGKILL (exit code -9)"
     assert not failures[0].secondary and failures[1].secondary
     # torchrun may observe the peer's failure first: the dead rank is still the one blamed.
-    swapped = distributed._parse_failures(torchrun_summary(KILLED, PEER_FAILURE))
+    swapped = launch._parse_failures(torchrun_summary(KILLED, PEER_FAILURE))
     assert [f.rank for f in swapped] == [0, 1]
     first = next(f for f in swapped if not f.secondary)
     assert (first.rank, first.exitcode) == (1, -9)
@@ -261,13 +285,13 @@ def test_worker_exception_is_reported_from_its_error_file(tmp_path) -> None:
                                           "Traceback ...\n    ValueError: bad batch in rank 1")
     (tmp_path / "torchrun.log").write_text("worker output\n" + torchrun_summary(PEER_FAILURE, block))
     job = SimpleNamespace(desc="student", train=TrainConfig(num_processes=2, device="cpu"))
-    err = distributed._failure(job, tmp_path, 1)
+    err = launch._failure(job, JobDir(tmp_path), 1)
     assert isinstance(err, DistributedTrainingError)
     assert (err.rank, err.cause) == (1, "ValueError: bad batch in rank 1")
     assert str(err).startswith("student: DDP worker rank 1 of 2 failed: ValueError: bad batch in "
                                "rank 1 (then rank 0: exit code 1: RuntimeError: [pair.cc:545]")
     (tmp_path / "torchrun.log").write_text("ImportError: no module named kdpipe\n")
-    err = distributed._failure(job, tmp_path, 1)
+    err = launch._failure(job, JobDir(tmp_path), 1)
     assert err.rank is None and "torchrun exit code 1" in str(err) and "ImportError" in str(err)
 
 
@@ -303,32 +327,31 @@ def test_killed_worker_fails_with_its_rank_then_resume_repeats_the_run(
         dataset, teacher, ddp_run, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # job directories land here
     ckpt = tmp_path / "ckpt"
-    killed: list[int] = []
-
-    def kill_rank_1(epoch: int, metrics: dict) -> None:
-        if not killed:  # after epoch 1: mid-training, one checkpoint written
-            (pid_file,) = tmp_path.glob("kdpipe-ddp-*/pids/rank1.pid")
-            killed.append(int(pid_file.read_text()))
-            os.kill(killed[0], signal.SIGKILL)
-
+    # The worker's test-only fault switch: rank 1 SIGKILLs itself once every rank has
+    # finished epoch 2 (rank 0's checkpoint and epoch row written): a fixed death point.
+    monkeypatch.setenv(KILL_AT_ENV, "rank=1,epoch=2")
+    seen: list[int] = []
     start = time.monotonic()
     with pytest.raises(DistributedTrainingError,
                        match=r"student: DDP worker rank 1 of 2 failed: killed by SIGKILL") as err:
         recipes.distill_student(dataset, teacher, student_cfg(2), DISTILL,
-                                callbacks=[kill_rank_1], checkpoint_dir=ckpt)
+                                callbacks=[lambda e, m: seen.append(e)], checkpoint_dir=ckpt)
     elapsed = time.monotonic() - start
     print(f"killed rank 1 → DistributedTrainingError after {elapsed:.1f} s (launch included)")
-    assert killed, "the worker was never killed"
+    assert seen == [1, 2], "the parent forwards every epoch rank 0 finished before the kill"
     assert err.value.rank == 1 and "SIGKILL" in err.value.cause
     assert elapsed < 120, f"the failure took {elapsed:.0f} s to surface"
     assert (err.value.job_dir / "torchrun.log").is_file()  # kept for debugging
+    assert JobDir(err.value.job_dir).pid_file(1).is_file()
 
-    # The checkpoint rank 0 wrote resumes on both ranks and repeats the uninterrupted run.
+    # The checkpoint rank 0 wrote after epoch 2 resumes on both ranks and repeats the
+    # uninterrupted run.
+    monkeypatch.delenv(KILL_AT_ENV)
     resumed_epochs: list[int] = []
     bundle = recipes.distill_student(dataset, teacher, student_cfg(2), DISTILL,
                                      callbacks=[lambda e, m: resumed_epochs.append(e)],
                                      checkpoint_dir=ckpt)
-    assert resumed_epochs and resumed_epochs[0] > 1 and resumed_epochs[-1] == STUDENT_EPOCHS
+    assert resumed_epochs == list(range(3, STUDENT_EPOCHS + 1))
     reference = without_time(ddp_run[0].spec.extra["history"])
     resumed = without_time(bundle.spec.extra["history"])
     assert len(resumed) == len(reference)
@@ -337,3 +360,14 @@ def test_killed_worker_fails_with_its_rank_then_resume_repeats_the_run(
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (got["epoch"], key)
     assert bundle.spec.weights_sha256 == ddp_run[0].spec.weights_sha256
+
+
+@pytest.mark.slow
+def test_bad_fault_switch_fails_the_run_with_the_workers_message(dataset, teacher, tmp_path,
+                                                                  monkeypatch) -> None:
+    """The worker's own exception (read from torchrun's error file) reaches the caller."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv(KILL_AT_ENV, "rank=5,epoch=1")
+    with pytest.raises(DistributedTrainingError,
+                       match=r"student: DDP worker rank \d of 2 failed: .*rank 5 does not exist"):
+        recipes.distill_student(dataset, teacher, student_cfg(2), DISTILL)

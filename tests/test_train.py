@@ -452,7 +452,7 @@ def test_multi_process_fit_needs_a_process_group_of_that_size() -> None:
     data = torch.utils.data.TensorDataset(x, y, torch.arange(8))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
-    # fit() never launches workers itself (the recipes do, through kdpipe.distributed).
+    # fit() never launches workers itself (the recipes do, through kdpipe.launch).
     with pytest.raises(RuntimeError, match=r"num_processes=2 needs a torch.distributed process "
                                            r"group.*kdpipe.recipes.*or set num_processes: 1"):
         fit(model, ClassificationTask(), loader, loader, TrainConfig(epochs=1, num_processes=2))

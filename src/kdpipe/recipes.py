@@ -1,13 +1,13 @@
-"""Training recipes: the core calls behind the ``finetune_teacher`` and ``distill_student``
-steps, usable from a notebook or a plain script as well.
+"""Training recipes: the core calls behind the ``finetune_teacher``, ``distill_student`` and
+``prune_student`` steps, usable from a notebook or a plain script as well.
 
-Each recipe builds the model and loaders, runs the one training loop
-(:func:`kdpipe.train.fit`) with the right task, measures the result and wraps it into a
-pickle-free :class:`~kdpipe.bundle.Bundle`. ``bundle.spec.extra`` then holds:
+Each recipe builds the model, trains it with the one training loop (:func:`_fit`: here,
+or on DDP workers), measures the result and wraps it into a pickle-free
+:class:`~kdpipe.bundle.Bundle` (:func:`_trained_bundle`). ``bundle.spec.extra`` then holds:
 
-* ``role``: ``teacher`` or ``student``;
+* ``role``: ``teacher``, ``student`` or ``pruned_student``;
 * ``history``: the per-epoch rows of :func:`~kdpipe.train.fit`;
-* ``best_epoch``: the epoch whose weights the bundle holds;
+* ``best_epoch``: the epoch whose weights the bundle holds (teacher and student);
 * ``metrics``: ``val_accuracy``, ``test_accuracy``, ``test_loss``, ``params``, ``macs``,
   ``size_bytes``;
 * ``test_confusion``: the test split's confusion matrix (rows: true class);
@@ -18,23 +18,26 @@ and uses the KD recovery epochs as its ``history`` (each row with its ``prune_st
 
 Multi-process training: when a ``TrainConfig`` asks for ``num_processes`` > 1, every
 training run of these recipes (teacher, student, each pruning recovery) is handed to
-:func:`kdpipe.distributed.launch_fit`, which starts that many torchrun workers; each runs
-:func:`fit_on_dataset` under DDP, and the trained weights come back into the recipe's
-model. Callbacks get the epoch rows as rank 0 finishes them; the returned bundles are the
-same as single-process ones.
+:func:`kdpipe.launch.launch_fit`, which starts that many torchrun workers; each runs
+:func:`kdpipe.fitting.fit_on_dataset` under DDP, and the trained weights come back into
+the recipe's model. Callbacks get the epoch rows as rank 0 finishes them; the returned
+bundles are the same as single-process ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from kdpipe import distributed
+from kdpipe import ddp
 from kdpipe.build import build_model
-from kdpipe.bundle import Bundle
+from kdpipe.bundle import Bundle, ModelSpec
 from kdpipe.config import (
     DistillConfig,
     ModelConfig,
@@ -44,26 +47,19 @@ from kdpipe.config import (
     TrainConfig,
 )
 from kdpipe.data import DatasetSpec, make_loader
+from kdpipe.fitting import fit_on_dataset, make_loaders, make_task
+from kdpipe.launch import FitJob, launch_fit
 from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
-from kdpipe.train import (
-    Callback,
-    ClassificationTask,
-    DistillationTask,
-    Task,
-    TrainResult,
-    evaluate,
-    fit,
-    resolve_device,
-    seed_everything,
-)
+from kdpipe.runtime import resolve_device, seed_everything
+from kdpipe.train import Callback, TrainResult, evaluate
 
 if TYPE_CHECKING:
     from kdpipe.prune import PruneReport
 
-__all__ = [
-    "bundle_metrics", "distill_student", "fit_on_dataset", "make_task", "measure", "prune_student",
-    "train_teacher",
-]
+__all__ = ["bundle_metrics", "distill_student", "measure", "prune_student", "train_teacher"]
+
+Architecture = ModelConfig | ModelSpec  # what a bundle needs to rebuild the model: arch + kwargs
+_TEST_METRICS = ("test_accuracy", "test_loss", "params", "macs", "size_bytes")
 
 
 def train_teacher(
@@ -88,8 +84,11 @@ def train_teacher(
     """
     seed_everything(cfg.train.seed)  # the initial weights follow from the config alone
     model = build_model(cfg.model, dataset.num_classes, dataset.in_channels)
-    return _train(model, None, None, dataset, cfg.model, cfg.train, role="teacher",
-                  callbacks=callbacks, checkpoint_dir=checkpoint_dir)
+    result = _fit(model, cfg.model, dataset, cfg.train, callbacks=callbacks,
+                  checkpoint_dir=checkpoint_dir, desc="teacher")
+    return _trained_bundle(model, cfg.model, dataset, role="teacher", history=result.history,
+                           val_accuracy=result.best_val_accuracy, device=cfg.train.device,
+                           extra={"best_epoch": result.best_epoch})
 
 
 def distill_student(
@@ -117,10 +116,13 @@ def distill_student(
     _check_compatible(teacher, dataset)
     seed_everything(student_cfg.train.seed)  # the initial weights follow from the config alone
     model = build_model(student_cfg.model, dataset.num_classes, dataset.in_channels)
-    return _train(model, teacher, distill_cfg, dataset, student_cfg.model, student_cfg.train,
-                  role="student",
-                  callbacks=callbacks, checkpoint_dir=checkpoint_dir,
-                  extra={"distill": distill_cfg.model_dump(mode="json")})
+    result = _fit(model, student_cfg.model, dataset, student_cfg.train, teacher=teacher,
+                  distill_cfg=distill_cfg, callbacks=callbacks, checkpoint_dir=checkpoint_dir,
+                  desc="student")
+    return _trained_bundle(model, student_cfg.model, dataset, role="student", history=result.history,
+                           val_accuracy=result.best_val_accuracy, device=student_cfg.train.device,
+                           extra={"best_epoch": result.best_epoch,
+                                  "distill": distill_cfg.model_dump(mode="json")})
 
 
 def prune_student(
@@ -152,79 +154,30 @@ def prune_student(
         The pruned bundle (test metrics re-measured; the input bundles are untouched) and
         the pruning report.
     """
-    import copy
-
-    import torch
-
     from kdpipe.prune import prune_model
 
     _check_compatible(teacher, dataset)
+    _check_compatible(student, dataset, "student")  # its bundle is rebuilt for this dataset
     model = copy.deepcopy(student.model).cpu()
-    report = None
-    history: list[dict[str, float]] = []
+    report, history = None, []
     if prune_cfg.enabled:
         rec = prune_cfg.recovery
-        launch = rec.num_processes > 1 and not distributed.is_active()
-        if launch:  # fail before pruning, not at the first recovery
-            distributed.check_launch(rec, batch_size=dataset.config.batch_size)
-        device = resolve_device(rec.device)
-        train_loader = make_loader(dataset, "train", train=True, device=device, seed=rec.seed)
-        val_loader = make_loader(dataset, "val", train=False, device=device)
-
-        def recover(m: nn.Module, step: int) -> None:
-            offset = len(history)
-
-            def relabel(epoch: int, metrics: dict[str, float]) -> None:
-                row = {**metrics, "epoch": offset + epoch, "prune_step": step + 1}
-                history.append(row)
-                for callback in callbacks:
-                    callback(offset + epoch, row)
-
-            # A fresh task per step: a feature-loss regressor must match the new channel counts.
-            desc = f"recovery {step + 1}/{prune_cfg.iterative_steps}"
-            step_dir = None if checkpoint_dir is None else Path(checkpoint_dir) / f"step{step + 1}"
-            if launch:
-                result = _fit_distributed(m, student.spec, teacher, distill_cfg, dataset, rec,
-                                          callbacks=[relabel], checkpoint_dir=step_dir, desc=desc)
-            else:
-                result = fit(m, DistillationTask(teacher.model, distill_cfg), train_loader, val_loader,
-                             rec, callbacks=[relabel], checkpoint_dir=step_dir, desc=desc)
-            # Epochs restored from a checkpoint ran in an earlier attempt: no callback saw
-            # them this time, but the history must still hold them, in order.
-            history[offset:offset] = [{**row, "epoch": offset + row["epoch"], "prune_step": step + 1}
-                                      for row in result.history[:result.resumed_from_epoch]]
-            m.cpu()
-
-        def taylor_loss(m: nn.Module) -> torch.Tensor:
-            x, y, _ = next(iter(train_loader))
-            dev = next(m.parameters()).device
-            return nn.functional.cross_entropy(m(x.to(dev)), y.to(dev))
-
+        if _launches(rec):  # fail before pruning, not at the first recovery
+            ddp.check_launch(rec, batch_size=dataset.config.batch_size)
+        train_loader, val_loader = make_loaders(dataset, rec)
+        recover = _Recovery(student.spec, teacher, dataset, prune_cfg, distill_cfg,
+                            loaders=(train_loader, val_loader), callbacks=callbacks,
+                            checkpoint_dir=checkpoint_dir)
         report = prune_model(
             model, torch.zeros(1, *dataset.input_shape), prune_cfg, recover=recover,
-            taylor_loss_fn=taylor_loss, evaluate_fn=lambda m: evaluate(m, val_loader).accuracy,
+            taylor_loss_fn=lambda m: _first_batch_loss(m, train_loader),
+            evaluate_fn=lambda m: evaluate(m, val_loader).accuracy,
         )
-    model.eval()
-    test = measure(model, dataset, "test")
-    metrics = {k: test[k] for k in ("test_accuracy", "test_loss", "params", "macs", "size_bytes")}
-    if history:
-        metrics["val_accuracy"] = history[-1].get("val_accuracy")
-    return Bundle.from_model(
-        model,
-        arch=student.spec.arch,
-        classes=student.spec.classes,
-        input_shape=student.spec.input_shape,
-        mean=student.spec.mean,
-        std=student.spec.std,
-        kwargs=dict(student.spec.kwargs),
-        extra={
-            "role": "pruned_student",
-            "history": history,
-            "metrics": metrics,
-            "test_confusion": test["test_confusion"],
-            "dataset_fingerprint": dataset.fingerprint,
-            "prune_report": None if report is None else report.model_dump(mode="json"),
-        },
+        history = recover.history
+    return _trained_bundle(
+        model, student.spec, dataset, role="pruned_student", history=history,
+        val_accuracy=history[-1].get("val_accuracy") if history else None,
+        extra={"prune_report": None if report is None else report.model_dump(mode="json")},
     ), report
 
 
@@ -256,123 +209,133 @@ def bundle_metrics(bundle: Bundle) -> dict[str, float | int]:
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_compatible(teacher: Bundle, dataset: DatasetSpec) -> None:
-    spec = teacher.spec
+def _check_compatible(bundle: Bundle, dataset: DatasetSpec, role: str = "teacher") -> None:
+    """Raise ValueError unless ``bundle`` was built for ``dataset``'s classes and input shape."""
+    spec = bundle.spec
     if list(spec.classes) != list(dataset.classes) or tuple(spec.input_shape) != tuple(dataset.input_shape):
         raise ValueError(
-            f"the teacher was trained for {spec.num_classes} classes and input "
+            f"the {role} was trained for {spec.num_classes} classes and input "
             f"{tuple(spec.input_shape)}, but the dataset has {dataset.num_classes} classes and "
-            f"input {tuple(dataset.input_shape)}; retrain the teacher on this dataset"
+            f"input {tuple(dataset.input_shape)}; retrain the {role} on this dataset"
         )
 
 
-def make_task(teacher: nn.Module | None, distill_cfg: DistillConfig | None) -> Task:
-    """The training objective: distillation from ``teacher`` with ``distill_cfg``, or plain
-    cross-entropy when there is no teacher."""
-    if teacher is None:
-        return ClassificationTask()
-    if distill_cfg is None:
-        raise ValueError("distillation needs a DistillConfig with the teacher")
-    return DistillationTask(teacher, distill_cfg)
+def _launches(cfg: TrainConfig) -> bool:
+    """Whether a training run with ``cfg`` goes to DDP workers (``num_processes`` > 1 and
+    this process is not already one of them) rather than running here."""
+    return cfg.num_processes > 1 and not ddp.is_active()
 
 
-def fit_on_dataset(
+def _fit(
     model: nn.Module,
-    task: Task,
+    arch: Architecture,
     dataset: DatasetSpec,
     cfg: TrainConfig,
     *,
-    callbacks: Sequence[Callback] = (),
-    checkpoint_dir: str | Path | None = None,
-    desc: str = "train",
-) -> TrainResult:
-    """Build the train / val loaders of ``dataset`` and run :func:`kdpipe.train.fit` here.
-
-    This is the in-process part of every recipe; a DDP worker runs it on each rank, where
-    ``fit`` shards the loaders (``data.batch_size`` = global batch).
-    """
-    device = distributed.process_device(cfg.device)
-    train_loader = make_loader(dataset, "train", train=True, device=device, seed=cfg.seed)
-    val_loader = make_loader(dataset, "val", train=False, device=device)
-    return fit(model, task, train_loader, val_loader, cfg, callbacks=callbacks,
-               checkpoint_dir=checkpoint_dir, desc=desc)
-
-
-def _fit_distributed(
-    model: nn.Module,
-    spec_source: Any,
-    teacher: Bundle | None,
-    distill_cfg: DistillConfig | None,
-    dataset: DatasetSpec,
-    cfg: TrainConfig,
-    *,
+    teacher: Bundle | None = None,
+    distill_cfg: DistillConfig | None = None,
+    loaders: tuple[DataLoader, Iterable | None] | None = None,
     callbacks: Sequence[Callback],
     checkpoint_dir: str | Path | None,
     desc: str,
 ) -> TrainResult:
-    """Train ``model`` in place on ``cfg.num_processes`` torchrun workers.
+    """Train ``model`` in place, here or on ``cfg.num_processes`` torchrun workers.
 
-    ``spec_source`` gives the architecture (``arch`` and ``kwargs``: a ModelConfig or a
-    ModelSpec) under which the model travels to the workers as a bundle.
+    Every recipe trains through this one function. Locally it is
+    :func:`kdpipe.fitting.fit_on_dataset` (on ``loaders`` when given). Launched, the model
+    travels to the workers as a bundle of ``arch`` and the trained weights are loaded back
+    into ``model``; ``loaders`` are then not used (each worker builds its own).
     """
-    initial = Bundle.from_model(
-        model.cpu(), arch=spec_source.arch, classes=dataset.classes,
-        input_shape=dataset.input_shape, mean=dataset.mean, std=dataset.std,
-        kwargs=dict(spec_source.kwargs))
-    job = distributed.FitJob(
-        dataset=dataset, train=cfg, model=initial, teacher=teacher, distill=distill_cfg,
-        checkpoint_dir=None if checkpoint_dir is None else str(Path(checkpoint_dir).resolve()),
-        desc=desc)
-    trained, result = distributed.launch_fit(job, callbacks=callbacks)
+    if not _launches(cfg):
+        task = make_task(None if teacher is None else teacher.model, distill_cfg)
+        return fit_on_dataset(model, task, dataset, cfg, loaders=loaders, callbacks=callbacks,
+                              checkpoint_dir=checkpoint_dir, desc=desc)
+    job = FitJob(
+        dataset=dataset, train=cfg, model=_bundle(model, arch, dataset), teacher=teacher,
+        distill=distill_cfg, desc=desc,
+        checkpoint_dir=None if checkpoint_dir is None else str(Path(checkpoint_dir).resolve()))
+    trained, result = launch_fit(job, callbacks=callbacks)
     model.load_state_dict(trained.model.state_dict())
     return result
 
 
-def _train(
+class _Recovery:
+    """``prune_model``'s ``recover(model, step)``: distil the pruned model back with
+    ``prune_cfg.recovery``, numbering epochs continuously across steps in :attr:`history`
+    (and for ``callbacks``); recovery k checkpoints into ``checkpoint_dir/step<k>``."""
+
+    def __init__(self, spec: ModelSpec, teacher: Bundle, dataset: DatasetSpec,
+                 prune_cfg: PruneConfig, distill_cfg: DistillConfig, *,
+                 loaders: tuple[DataLoader, Iterable], callbacks: Sequence[Callback],
+                 checkpoint_dir: str | Path | None) -> None:
+        self.spec, self.teacher, self.dataset = spec, teacher, dataset
+        self.prune_cfg, self.distill_cfg, self.loaders = prune_cfg, distill_cfg, loaders
+        self.callbacks, self.checkpoint_dir = callbacks, checkpoint_dir
+        self.history: list[dict[str, float]] = []
+
+    def __call__(self, model: nn.Module, step: int) -> None:
+        offset, prune_step = len(self.history), step + 1
+
+        def relabel(epoch: int, metrics: dict[str, float]) -> None:
+            row = {**metrics, "epoch": offset + epoch, "prune_step": prune_step}
+            self.history.append(row)
+            for callback in self.callbacks:
+                callback(offset + epoch, row)
+
+        # A fresh task per step (inside _fit): a feature-loss regressor must match the new
+        # channel counts.
+        step_dir = None if self.checkpoint_dir is None else Path(self.checkpoint_dir) / f"step{prune_step}"
+        result = _fit(model, self.spec, self.dataset, self.prune_cfg.recovery, teacher=self.teacher,
+                      distill_cfg=self.distill_cfg, loaders=self.loaders, callbacks=[relabel],
+                      checkpoint_dir=step_dir,
+                      desc=f"recovery {prune_step}/{self.prune_cfg.iterative_steps}")
+        # Epochs restored from a checkpoint ran in an earlier attempt: no callback saw
+        # them this time, but the history must still hold them, in order.
+        self.history[offset:offset] = [{**row, "epoch": offset + row["epoch"], "prune_step": prune_step}
+                                       for row in result.history[:result.resumed_from_epoch]]
+        model.cpu()
+
+
+def _first_batch_loss(model: nn.Module, loader: DataLoader) -> torch.Tensor:
+    """Cross-entropy of ``model`` on the next train batch (Taylor importance's loss)."""
+    x, y, _ = next(iter(loader))
+    device = next(model.parameters()).device
+    return nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+
+
+def _bundle(model: nn.Module, arch: Architecture, dataset: DatasetSpec,
+            extra: dict[str, Any] | None = None) -> Bundle:
+    """``model`` (moved to the CPU) as a bundle of ``arch`` for ``dataset``'s classes,
+    input shape and normalisation."""
+    return Bundle.from_model(
+        model.cpu(), arch=arch.arch, classes=dataset.classes, input_shape=dataset.input_shape,
+        mean=dataset.mean, std=dataset.std, kwargs=dict(arch.kwargs), extra=extra or {})
+
+
+def _trained_bundle(
     model: nn.Module,
-    teacher: Bundle | None,
-    distill_cfg: DistillConfig | None,
+    arch: Architecture,
     dataset: DatasetSpec,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
     *,
     role: str,
-    callbacks: Sequence[Callback],
-    checkpoint_dir: str | Path | None,
-    extra: dict[str, Any] | None = None,
+    history: list[dict[str, float]],
+    val_accuracy: float | None,
+    device: str = "auto",
+    extra: dict[str, Any],
 ) -> Bundle:
-    if train_cfg.num_processes > 1 and not distributed.is_active():
-        result = _fit_distributed(model, model_cfg, teacher, distill_cfg, dataset, train_cfg,
-                                  callbacks=callbacks, checkpoint_dir=checkpoint_dir, desc=role)
-    else:
-        task = make_task(None if teacher is None else teacher.model, distill_cfg)
-        result = fit_on_dataset(model, task, dataset, train_cfg, callbacks=callbacks,
-                                checkpoint_dir=checkpoint_dir, desc=role)
+    """A recipe's result: ``model`` in eval mode, measured on the test split, as a bundle
+    whose ``spec.extra`` holds its role, history, metrics (``val_accuracy`` when known),
+    test confusion and dataset fingerprint, plus ``extra``."""
     model.eval()
-    test = measure(model, dataset, "test", train_cfg.device)
-    metrics = {
-        "val_accuracy": result.best_val_accuracy,
-        "test_accuracy": test["test_accuracy"],
-        "test_loss": test["test_loss"],
-        "params": test["params"],
-        "macs": test["macs"],
-        "size_bytes": test["size_bytes"],
-    }
-    return Bundle.from_model(
-        model.cpu(),
-        arch=model_cfg.arch,
-        classes=dataset.classes,
-        input_shape=dataset.input_shape,
-        mean=dataset.mean,
-        std=dataset.std,
-        kwargs=dict(model_cfg.kwargs),
-        extra={
-            "role": role,
-            "history": result.history,
-            "best_epoch": result.best_epoch,
-            "metrics": metrics,
-            "test_confusion": test["test_confusion"],
-            "dataset_fingerprint": dataset.fingerprint,
-            **(extra or {}),
-        },
-    )
+    test = measure(model, dataset, "test", device)
+    metrics: dict[str, Any] = {k: test[k] for k in _TEST_METRICS}
+    if val_accuracy is not None:  # absent for a student handed on unpruned (no recovery ran)
+        metrics["val_accuracy"] = val_accuracy
+    return _bundle(model, arch, dataset, extra={
+        "role": role,
+        "history": history,
+        "metrics": metrics,
+        "test_confusion": test["test_confusion"],
+        "dataset_fingerprint": dataset.fingerprint,
+        **extra,
+    })

@@ -18,7 +18,7 @@ Checkpoints are plain containers loaded with ``torch.load(weights_only=True)``.
 
 Multi-process (DDP): when ``fit`` runs in an initialised process group of
 ``cfg.num_processes`` processes (a torchrun worker started by
-:func:`kdpipe.distributed.launch_fit`), the same loop runs on every rank: the model is
+:func:`kdpipe.launch.launch_fit`), the same loop runs on every rank: the model is
 wrapped in DistributedDataParallel, the train loader re-sharded with a DistributedSampler
 (``data.batch_size`` is the global batch), the validation loader sharded without padding,
 loss and metric sums all-reduced, and rank 0 alone writes checkpoints (every rank resumes
@@ -51,9 +51,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdpipe import distributed, metrics
+from kdpipe import ddp, metrics
 from kdpipe.config import TrainConfig
 from kdpipe.optim import build_optimizer, lr_factor
+from kdpipe.runtime import epoch_seed, resolve_device, seed_everything
 from kdpipe.tasks import ClassificationTask, DistillationTask, Task, describe_task
 
 __all__ = [
@@ -85,36 +86,6 @@ class TrainingOOMError(RuntimeError):
     """The accelerator ran out of memory during training."""
 
 
-# ----------------------------------------------------------------- device, seeds
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """Map ``auto`` to cuda → mps → cpu; check that an explicit device is usable.
-
-    Raises:
-        RuntimeError: an explicit ``cuda``/``mps`` device is not available here.
-    """
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {name!r} requested but MPS is not available; use device: auto or cpu")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's ``random``, numpy's global RNG and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # ------------------------------------------------------------- distributed seams
 def _check_world(cfg: TrainConfig, desc: str) -> bool:
     """Whether this ``fit`` runs as one of ``cfg.num_processes`` DDP processes.
@@ -123,7 +94,7 @@ def _check_world(cfg: TrainConfig, desc: str) -> bool:
         RuntimeError: ``num_processes`` > 1 without a process group (``fit`` does not
             launch workers; the recipes do), or a process group of another size.
     """
-    world = distributed.world_size()
+    world = ddp.world_size()
     if world == cfg.num_processes:
         return world > 1
     if world == 1:
@@ -139,17 +110,17 @@ def _check_world(cfg: TrainConfig, desc: str) -> bool:
 
 def _is_main_process() -> bool:
     """Whether this process writes checkpoints and logs (DDP: rank 0)."""
-    return distributed.is_main_process()
+    return ddp.is_main_process()
 
 
 def _reduce_sums(values: Tensor) -> Tensor:
     """Sum per-process totals across processes (DDP: ``all_reduce(values, SUM)``)."""
-    return distributed.all_reduce_sum(values)
+    return ddp.all_reduce_sum(values)
 
 
 def _wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """The module the training step calls (DDP: DistributedDataParallel(model))."""
-    if not distributed.is_active():
+    if not ddp.is_active():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -161,11 +132,11 @@ def _distribute_loaders(
 ) -> tuple[DataLoader, Iterable | None]:
     """DDP: this rank's share of the data (train: DistributedSampler and the global batch
     split across processes; validation: a shard without padding, sums reduced later)."""
-    if not distributed.is_active():
+    if not ddp.is_active():
         return train_loader, val_loader
-    where = {"process_rank": distributed.rank(), "num_processes": distributed.world_size()}
-    train = distributed.distribute_loader(train_loader, seed=cfg.seed, **where)
-    val = None if val_loader is None else distributed.shard_loader(val_loader, **where)  # type: ignore[arg-type]
+    where = {"process_rank": ddp.rank(), "num_processes": ddp.world_size()}
+    train = ddp.distribute_loader(train_loader, seed=cfg.seed, **where)
+    val = None if val_loader is None else ddp.shard_loader(val_loader, **where)  # type: ignore[arg-type]
     return train, val
 
 
@@ -173,9 +144,9 @@ def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     """DDP: re-seed the global RNGs (dropout...) and the loader's worker seeds from
     (seed, epoch, rank), so every rank draws its own numbers and a resumed run repeats the
     uninterrupted one without per-rank RNG state in the checkpoint."""
-    if not distributed.is_active():
+    if not ddp.is_active():
         return
-    s = distributed.epoch_seed(seed, epoch, distributed.rank())
+    s = epoch_seed(seed, epoch, ddp.rank(), stream="global")
     seed_everything(s)
     for g in _loader_generators(loader):
         g.manual_seed(s)
@@ -191,8 +162,7 @@ def _set_loader_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
         sampler.set_epoch(epoch)
     reseed = getattr(loader.dataset, "reseed", None)
     if callable(reseed):
-        # rank 0 (and a single process) keeps the historical stream; other ranks differ.
-        reseed(seed * 1_000_003 + epoch + 7_919 * distributed.rank())
+        reseed(epoch_seed(seed, epoch, ddp.rank(), stream="data"))
 
 
 @dataclass
@@ -251,7 +221,7 @@ def evaluate(
         amp: autocast on CUDA (as in training); fp32 otherwise.
 
     Inside a process group of several processes (DDP) ``loader`` is this rank's shard
-    (see :func:`kdpipe.distributed.shard_loader`): the sums are reduced over all ranks and
+    (see :func:`kdpipe.ddp.shard_loader`): the sums are reduced over all ranks and
     every rank returns the result for the whole split.
     """
     if device is None:
@@ -410,7 +380,7 @@ def _train_epoch(
             raise TrainingDivergedError(desc, epoch, step, value, cfg.max_loss)
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
-        distributed.average_gradients(extra)  # DDP syncs the model's gradients, not these
+        ddp.average_gradients(extra)  # DDP syncs the model's gradients, not these
         if cfg.grad_clip is not None:
             precision.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -464,7 +434,7 @@ def fit(
         desc: label for the progress bar, logs and errors.
 
     Under DDP (``cfg.num_processes`` > 1, called on every rank of a process group of that
-    size, e.g. by :mod:`kdpipe.distributed`'s workers) pass the same single-process loaders
+    size, e.g. by :mod:`kdpipe._worker`) pass the same single-process loaders
     on every rank: ``fit`` shards them itself (``train_loader.batch_size`` is the global
     batch). Metrics in the history are over all ranks; only rank 0 writes checkpoints;
     every rank calls ``callbacks`` (give rank 0 the ones with side effects).
@@ -477,11 +447,11 @@ def fit(
         TrainingDivergedError: NaN/inf loss, or a loss above ``cfg.max_loss``.
         TrainingOOMError: CUDA ran out of memory (lower ``data.batch_size``).
         RuntimeError: ``cfg.num_processes`` > 1 outside a process group of that size.
-        kdpipe.distributed.DistributedConfigError: under DDP, a batch size not divisible
+        kdpipe.ddp.DistributedConfigError: under DDP, a batch size not divisible
             by the number of processes, or loaders that cannot be sharded.
     """
-    ddp = _check_world(cfg, desc)
-    device = distributed.process_device(cfg.device)
+    multi_process = _check_world(cfg, desc)
+    device = ddp.process_device(cfg.device)
     train_loader, val_loader = _distribute_loaders(train_loader, val_loader, cfg)
     if len(train_loader) == 0:
         raise ValueError(f"{desc}: the train loader yields no batches; the train split is empty")
@@ -493,7 +463,7 @@ def fit(
         model.to(memory_format=torch.channels_last)
     # Before the task hooks into modules and before the optimiser: SyncBatchNorm layers
     # share the BatchNorm tensors; the original layers come back at the end.
-    restore_batchnorm = distributed.sync_batchnorm(model) if ddp and cfg.sync_batchnorm else None
+    restore_batchnorm = ddp.sync_batchnorm(model) if multi_process and cfg.sync_batchnorm else None
     try:
         return _fit(model, task, train_loader, val_loader, cfg, device, callbacks=callbacks,
                     checkpoint_dir=checkpoint_dir, resume=resume, desc=desc)
@@ -531,7 +501,7 @@ def _fit(
                 f"{desc}: out of GPU memory in epoch {epoch} with batch size "
                 f"{train_loader.batch_size}; lower data.batch_size (e.g. to "
                 f"{max(1, (train_loader.batch_size or 2) // 2)}) or enable train.amp") from err
-        distributed.broadcast_buffers(model)  # DDP: every rank evaluates / keeps rank 0's model
+        ddp.broadcast_buffers(model)  # DDP: every rank evaluates / keeps rank 0's model
         if val_loader is not None:
             ev = evaluate(model, val_loader, device, amp=cfg.amp)
             row.update(val_loss=ev.loss, val_accuracy=ev.accuracy)
