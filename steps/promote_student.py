@@ -46,13 +46,9 @@ def promote_student(
 ) -> Annotated[PromotionResult, "promotion"]:
     """Promote this run's student when the gate passed; record the rejection otherwise.
 
-    Args:
-        evaluation: the report the gate decided on; its ``production.version`` is checked
-            against the production version at promotion time (None: not checked).
-
-    Raises:
-        PromotionError: a registry failed; the message says what was restored.
-        GateRejectedError: rejected and ``gate_cfg.fail_run_on_reject`` is true.
+    ``evaluation`` (the report the gate decided on) enables the stale-production check.
+    Raises PromotionError (a registry failed; the message says what was restored) or
+    GateRejectedError (rejected and ``gate_cfg.fail_run_on_reject`` is true).
     """
     model = get_step_context().model
     candidate = build_candidate(student_onnx, pruned_student, teacher,
