@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from kdpipe.champion import stale_comparison
-from kdpipe.evaluation import EvaluationReport, ProductionComparison
+from kdpipe.eval_report import EvaluationReport, ProductionComparison
 from kdpipe.gate import GateDecision
 from kdpipe.promotion import PromotionError, promotion_lock, promotion_lock_path
 

@@ -24,7 +24,7 @@ from kdpipe.champion import (
     promote_candidate,
     raise_if_rejected,
 )
-from kdpipe.evaluation import EvaluationReport, ProductionComparison
+from kdpipe.eval_report import EvaluationReport, ProductionComparison
 from kdpipe.gate import GateCheck, GateDecision
 from kdpipe.promotion import PromotionError, RegisteredVersion
 

@@ -55,7 +55,7 @@ from kdpipe.promotion import (
 
 if TYPE_CHECKING:
     from kdpipe.bundle import Bundle
-    from kdpipe.evaluation import EvaluationReport
+    from kdpipe.eval_report import EvaluationReport
     from kdpipe.export import ExportResult
     from kdpipe.gate import GateDecision
 
