@@ -1,9 +1,10 @@
 """Concurrent pipeline runs against one local ZenML store and one MLflow SQLite database.
 
 * fast: the promotion lock (where it lives, that a second holder waits and then fails
-  with a message that says what to do) and the stale-production check of
-  ``promote_student`` (a candidate evaluated against a production that a concurrent run
-  has replaced is not promoted);
+  with a message that says what to do) and the stale-production rule,
+  :func:`kdpipe.champion.stale_comparison` (a candidate evaluated against a production
+  that a concurrent run has replaced is not promoted; what promotion does then is in
+  tests/test_promotion_core.py);
 * slow: two ``run_pipeline.py`` processes started at once both finish without "database
   is locked", and afterwards exactly one champion remains, the same model in ZenML
   (stage production) and in MLflow (alias ``champion``).
@@ -16,12 +17,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import yaml
 
+from kdpipe.champion import stale_comparison
+from kdpipe.eval_report import EvaluationReport, ProductionComparison
+from kdpipe.gate import GateDecision
 from kdpipe.promotion import PromotionError, promotion_lock, promotion_lock_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,12 +90,16 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------- stale comparison with production
-def _decision(disabled: list[str]) -> Any:
-    return SimpleNamespace(disabled=disabled)
+def _decision(disabled: list[str]) -> GateDecision:
+    return GateDecision(passed=True, checks=[], disabled=disabled)
 
 
-def _evaluation(production_version: str | None) -> Any:
-    return SimpleNamespace(production=SimpleNamespace(version=production_version))
+def _evaluation(production_version: str | None) -> EvaluationReport:
+    status = "absent" if production_version is None else "evaluated"
+    return EvaluationReport(
+        split="test", classes=["0", "1"], input_shape=(1, 8, 8), dataset_fingerprint="f",
+        models={}, parity_max_abs_diff=0.0,
+        production=ProductionComparison(status=status, reason=status, version=production_version))
 
 
 @pytest.mark.parametrize(("seen", "now", "disabled", "stale"), [
@@ -103,18 +109,14 @@ def _evaluation(production_version: str | None) -> Any:
     ("3", "4", [], True),               # a concurrent run replaced production
     ("3", "4", ["min_gain_vs_production"], False),  # the gate does not compare: no claim
 ])
-def test_stale_production_comparison(monkeypatch: pytest.MonkeyPatch, seen: str | None,
-                                     now: str | None, disabled: list[str], stale: bool) -> None:
-    import steps.promote_student as promote
-
-    current = None if now is None else SimpleNamespace(name=now)
-    monkeypatch.setattr(promote, "_current_production", lambda model: current)
-    reason = promote._stale_comparison(object(), _evaluation(seen), _decision(disabled))
+def test_stale_production_comparison(seen: str | None, now: str | None, disabled: list[str],
+                                     stale: bool) -> None:
+    reason = stale_comparison(_decision(disabled), _evaluation(seen), now)
     assert (reason is not None) == stale
     if stale:
         assert reason.startswith(f"production moved from version {seen or '(none)'} to {now} ")
         assert reason.endswith(f"re-run to compare against version {now}")
-    assert promote._stale_comparison(object(), None, _decision(disabled)) is None
+    assert stale_comparison(_decision(disabled), None, now) is None
 
 
 # --------------------------------------------------------- slow: two real runs at once

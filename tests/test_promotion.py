@@ -10,8 +10,10 @@ evaluate / gate / promote steps (the Model Control Plane needs a pipeline run):
     F  rejected with gate.fail_run_on_reject        -> step fails after recording
 
 then the predict pipeline, which must use exactly B's weights. Each test asserts one
-phase's snapshot. A ZenML failure *after* the alias moved is driven through the step's
-``_move_stage`` directly (a failing model stub, the real MLflow registry).
+phase's snapshot. A ZenML failure *after* the alias moved is driven through
+:func:`kdpipe.champion.promote_candidate` directly (the real MLflow registry, the real
+ZenML store with a failing stage change); every path on in-memory stores:
+tests/test_promotion_core.py.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from zenml import Model, pipeline, step
 from zenml.client import Client
 
 from kdpipe.bundle import Bundle
+from kdpipe.champion import Candidate, MlflowChampionStore, promote_candidate
 from kdpipe.config import (
     DataConfig,
     EvalConfig,
@@ -48,9 +51,7 @@ from kdpipe.predict import softmax
 from kdpipe.promotion import (
     NoChampionError,
     PromotionError,
-    RegisteredVersion,
     get_champion,
-    set_champion,
 )
 from kdpipe.recipes import train_teacher
 from pipelines.predict import predict_pipeline
@@ -58,7 +59,8 @@ from steps.evaluate_models import evaluate_models
 from steps.gate_student import gate_student
 from steps.load_champion import load_champion
 from steps.materializers import BundleMaterializer, DatasetSpecMaterializer, OnnxExportMaterializer
-from steps.promote_student import _move_stage, promote_student
+from steps.promote_student import promote_student
+from steps.zenml_stage_store import ZenmlStageStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -228,39 +230,52 @@ def test_registry_failure_at_the_alias_changes_nothing(scenario: dict) -> None:
     assert d["result"] is None  # the step failed: no promotion artifact
 
 
-class _StageFails:
-    """A ZenML model whose stage change fails (the store went away mid-promotion)."""
+class _StageFails(ZenmlStageStore):
+    """The real ZenML store, whose stage change fails (the store went away mid-promotion)."""
 
-    version = "99"
-
-    def set_stage(self, stage: Any, force: bool = False) -> None:
+    def set_production(self, version: str) -> None:
         raise RuntimeError("injected: the ZenML store is unreachable")
 
 
+def _candidate_of(phase: dict[str, Any]) -> Candidate:
+    onnx, evaluation = phase["onnx"], phase["evaluation"]
+    return Candidate(version=phase["version"], onnx_path=Path(onnx.path), sha256=onnx.sha256,
+                     input_shape=tuple(evaluation.input_shape),
+                     metadata={"classes": evaluation.classes,
+                               "input_shape": list(evaluation.input_shape),
+                               "onnx_sha256": onnx.sha256, "zenml_model": NAME,
+                               "zenml_model_version": phase["version"]})
+
+
+def _versions(name: str) -> list[Any]:
+    return MlflowClient().search_model_versions(f"name='{name}'")
+
+
 def test_zenml_failure_after_the_alias_moved_restores_the_alias(scenario: dict) -> None:
-    champion = scenario["F"]["champion"]
-    # D registered a version, but the alias never reached it: use that one.
-    (orphan,) = [mv for mv in MlflowClient().search_model_versions(f"name='{NAME}'")
-                 if mv.tags.get("zenml_model_version") == scenario["D"]["version"]]
-    version = RegisteredVersion(name=NAME, version=str(orphan.version))
-    previous = set_champion(NAME, version.version)  # what _promote does before _move_stage
-    assert previous == champion and get_champion(NAME).version == version.version
+    champion, stages = scenario["F"]["champion"], scenario["F"]["stages"]
+    d = scenario["D"]  # its ONNX differs from the champion's, so it is registered again
+    champions = MlflowChampionStore(NAME, tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+                                    experiment=NAME)
+    registered = {str(mv.version) for mv in _versions(NAME)}
     with pytest.raises(PromotionError, match=r"ZenML store is unreachable\. "
                        rf"{NAME}@champion was moved back to {champion}; nothing changed"):
-        _move_stage(_StageFails(), version, previous, os.environ["MLFLOW_TRACKING_URI"])
+        promote_candidate(_candidate_of(d), d["decision"], _StageFails(NAME), champions)
     assert get_champion(NAME).version == champion
-    assert _stages() == scenario["F"]["stages"]
+    assert _stages() == stages
+    (new,) = [mv for mv in _versions(NAME) if str(mv.version) not in registered]  # registered, then the alias went back
+    assert new.tags["zenml_model_version"] == d["version"]
 
 
 def test_zenml_failure_without_a_previous_champion_deletes_the_alias(scenario: dict) -> None:
     other = "kdpipe-test-promotion-solo"
-    mv = MlflowClient().create_registered_model(other) and MlflowClient().create_model_version(
-        other, source=str(scenario["B"]["onnx"].path))
-    version = RegisteredVersion(name=other, version=str(mv.version))
-    assert set_champion(other, version.version) is None
+    champions = MlflowChampionStore(other, tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+                                    experiment=NAME)
+    d = scenario["D"]
     with pytest.raises(PromotionError, match=r"moved back to \(none: the alias was deleted\)"):
-        _move_stage(_StageFails(), version, None, os.environ["MLFLOW_TRACKING_URI"])
+        promote_candidate(_candidate_of(d), d["decision"], _StageFails(NAME), champions)
     assert get_champion(other) is None
+    assert [str(mv.version) for mv in _versions(other)] == ["1"]
+    assert MlflowClient().get_registered_model(other).aliases == {}
 
 
 def test_fail_run_on_reject_fails_after_recording(scenario: dict) -> None:

@@ -10,8 +10,8 @@ Promotion is done in an order that can always be undone exactly:
 1. :func:`register_onnx_model` adds a version (the alias does not move yet), so a registry
    that is down fails here, before anything visible changed;
 2. :func:`set_champion` moves the alias in one call and returns the previous target;
-3. the caller (the ``promote_student`` step) moves the ZenML production stage, and on
-   failure calls :func:`restore_champion` with the previous target.
+3. the caller (:func:`kdpipe.champion.promote_candidate`) moves the production stage, and
+   on failure calls :func:`restore_champion` with the previous target.
 
 Two pipeline runs that promote at the same time must not interleave these calls (run A's
 alias with run B's stage): the caller holds :func:`promotion_lock` from reading the
