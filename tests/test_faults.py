@@ -185,7 +185,7 @@ def test_the_outermost_known_kind_decides() -> None:
         try:
             raise RuntimeError("unknown")
         except RuntimeError:
-            raise ConnectionResetError(104, "reset")  # implicit context
+            raise ConnectionResetError(104, "reset")  # noqa: B904 - the implicit context is the point
     assert is_transient(_raised(transient_over_unknown))
 
     loop = RuntimeError("a")
