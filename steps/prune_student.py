@@ -11,7 +11,7 @@ from kdpipe import plots, recipes, tracking
 from kdpipe.bundle import Bundle
 from kdpipe.config import DistillConfig, PruneConfig, TrackingConfig
 from kdpipe.data import DatasetSpec
-from kdpipe.prune import PruneReport
+from kdpipe.prune_report import PruneReport
 from steps.checkpoints import kill_switch, run_with_retries, training_checkpoint
 from steps.materializers import BundleMaterializer
 from steps.tracking_context import mlflow_run
