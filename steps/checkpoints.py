@@ -2,8 +2,9 @@
 
 A training step that dies (SIGKILL, a lost node, an exception) and is run again, by its
 own retry (:func:`run_with_retries`) or by re-running the pipeline, must continue from
-its last finished epoch. :func:`kdpipe.train.fit` writes ``last.pt`` every epoch into the directory it is
-given; this module gives each step a directory that is *stable across processes*:
+its last finished epoch. :func:`kdpipe.train.fit` writes ``last.pt`` every epoch into
+the directory it is given; this module gives each step a directory that is *stable
+across processes*:
 
     <root>/<step name>/<sha256 of everything that determines the step's result>
 
@@ -130,7 +131,9 @@ def kill_switch(step_name: str) -> list[Callable[[int, dict[str, float]], None]]
 
     With ``<step_name>:<N>`` the callback SIGKILLs this process after epoch ``N``: the
     training loop calls its callbacks once the epoch's checkpoint is written, so a test
-    gets a crash exactly between two epochs (SIGKILL: no handler, no cleanup runs).
+    gets a crash exactly between two epochs (SIGKILL: no handler, no cleanup runs). With
+    ``train.num_processes`` > 1 the callbacks run in the step's process, which supervises
+    torchrun: that process is killed, not the workers.
 
     Raises:
         ValueError: the variable is set but not ``<step name>:<positive epoch>``.
