@@ -1,9 +1,10 @@
-"""Where a training step keeps its resume checkpoint, and how often it is retried.
+"""Where a training step keeps its resume checkpoint, and when it retries.
 
-A training step that dies (SIGKILL, a lost node, an exception) and is run again, by a
-ZenML step retry or by re-running the pipeline, must continue from its last finished
-epoch. :func:`kdpipe.train.fit` writes ``last.pt`` every epoch into the directory it is
-given; this module gives each step a directory that is *stable across processes*:
+A training step that dies (SIGKILL, a lost node, an exception) and is run again, by its
+own retry (:func:`run_with_retries`) or by re-running the pipeline, must continue from
+its last finished epoch. :func:`kdpipe.train.fit` writes ``last.pt`` every epoch into
+the directory it is given; this module gives each step a directory that is *stable
+across processes*:
 
     <root>/<step name>/<sha256 of everything that determines the step's result>
 
@@ -21,6 +22,18 @@ instead of mixing its checkpoints with the first's.
 
 On a remote orchestrator the directory lives on the step's pod: a retry inside the pod
 resumes, a fresh pod starts over (correct, only slower).
+
+Retries happen inside the step, not through ZenML's ``retry=``: ZenML retries every
+exception, so a missing file, offline pretrained weights or a diverged loss would cost
+two more attempts and 30 s of back-off before the user saw the message.
+:func:`run_with_retries` retries only what :func:`kdpipe.faults.is_transient` calls
+transient (a killed process, a locked database, a dropped connection) and re-raises
+everything else at once.
+
+For tests, ``KDPIPE_TEST_KILL_AFTER_EPOCH=<step name>:<epoch>`` makes that step SIGKILL
+its own process right after the checkpoint of that epoch is written
+(:func:`kill_switch`): a crash at an exact point, without racing a poller against the
+training.
 """
 
 from __future__ import annotations
@@ -31,16 +44,18 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import signal
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from zenml.config.retry_config import StepRetryConfig
 from zenml.logger import get_logger
 
 import kdpipe
 from kdpipe.config import ModelConfig
+from kdpipe.faults import is_transient
 from kdpipe.train import CHECKPOINT_NAME
 
 logger = get_logger(__name__)
@@ -48,11 +63,98 @@ logger = get_logger(__name__)
 CHECKPOINT_ROOT_ENV = "KDPIPE_CHECKPOINT_DIR"
 """Environment variable that overrides where training checkpoints are kept."""
 
-TRAINING_RETRY = StepRetryConfig(max_retries=2, delay=10, backoff=2)
-"""Retries of the training steps: a transient failure (a preempted GPU, a busy database, a
-killed DataLoader worker) costs one lost epoch at most, because the retry resumes from
-the step's checkpoint. Waits 10 s, then 20 s. Override per run in the YAML with
-``steps.<name>.retry``."""
+KILL_AFTER_EPOCH_ENV = "KDPIPE_TEST_KILL_AFTER_EPOCH"
+"""Test-only: ``<step name>:<epoch>`` makes that step SIGKILL itself after that epoch."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a training step retries a transient failure, and how long it waits.
+
+    Attributes:
+        max_retries: attempts after the first one.
+        delay_s: wait before the first retry.
+        backoff: factor on the wait for each further retry.
+    """
+
+    max_retries: int = 2
+    delay_s: float = 10.0
+    backoff: float = 2.0
+
+    def wait_s(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based)."""
+        return self.delay_s * self.backoff ** (retry - 1)
+
+
+TRAINING_RETRY = RetryPolicy()
+"""Retries of the training steps: a transient failure (a killed DDP rank or DataLoader
+worker, a busy database, a dropped connection) costs one lost epoch at most, because the
+retry resumes from the step's checkpoint. Waits 10 s, then 20 s."""
+
+
+def run_with_retries(body: Callable[[], T], *, step_name: str, policy: RetryPolicy | None = None,
+                     sleep: Callable[[float], object] | None = None) -> T:
+    """Run ``body``; run it again after a transient failure, up to ``policy.max_retries`` times.
+
+    ``body`` is the whole step body, :func:`training_checkpoint` included: a failed
+    attempt leaves its checkpoint behind, so the next one resumes from its last finished
+    epoch. A permanent failure (see :func:`kdpipe.faults.is_transient`), or a transient
+    one after the last retry, propagates at once, without waiting.
+
+    Args:
+        body: the work of one attempt; its result is returned.
+        step_name: for the log lines.
+        policy: attempts and waits; None = :data:`TRAINING_RETRY` (read at call time).
+        sleep: how to wait (``time.sleep`` when None; tests pass a recorder).
+    """
+    policy = TRAINING_RETRY if policy is None else policy
+    sleep = time.sleep if sleep is None else sleep
+    retry = 0
+    while True:
+        try:
+            return body()
+        except Exception as err:
+            retry += 1
+            if retry > policy.max_retries or not is_transient(err):
+                raise
+            wait = policy.wait_s(retry)
+            logger.warning("%s: attempt %d of %d failed with a transient error (%s: %s); "
+                           "retrying in %g s from the last checkpoint", step_name, retry,
+                           policy.max_retries + 1, type(err).__name__, err, wait)
+            sleep(wait)
+
+
+def kill_switch(step_name: str) -> list[Callable[[int, dict[str, float]], None]]:
+    """Epoch callbacks for ``$KDPIPE_TEST_KILL_AFTER_EPOCH`` (none when it is unset).
+
+    With ``<step_name>:<N>`` the callback SIGKILLs this process after epoch ``N``: the
+    training loop calls its callbacks once the epoch's checkpoint is written, so a test
+    gets a crash exactly between two epochs (SIGKILL: no handler, no cleanup runs). With
+    ``train.num_processes`` > 1 the callbacks run in the step's process, which supervises
+    torchrun: that process is killed, not the workers.
+
+    Raises:
+        ValueError: the variable is set but not ``<step name>:<positive epoch>``.
+    """
+    value = os.environ.get(KILL_AFTER_EPOCH_ENV, "")
+    if not value:
+        return []
+    name, _, epoch = value.rpartition(":")
+    if not name or not epoch.isdigit() or int(epoch) < 1:
+        raise ValueError(f"{KILL_AFTER_EPOCH_ENV}={value!r}: expected <step name>:<epoch>, "
+                         f"e.g. finetune_teacher:2 (a test-only switch; unset it otherwise)")
+    if name != step_name:
+        return []
+    kill_at = int(epoch)
+
+    def kill(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == kill_at:
+            logger.warning("%s: %s=%s: killing this process after epoch %d", step_name,
+                           KILL_AFTER_EPOCH_ENV, value, epoch)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return [kill]
 
 
 def checkpoint_root() -> Path:

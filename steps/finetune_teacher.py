@@ -17,14 +17,14 @@ from kdpipe import plots, recipes, tracking
 from kdpipe.bundle import Bundle, save_bundle
 from kdpipe.config import TeacherConfig, TrackingConfig
 from kdpipe.data import DatasetSpec
-from steps.checkpoints import TRAINING_RETRY, model_identity, training_checkpoint
+from steps.checkpoints import kill_switch, model_identity, run_with_retries, training_checkpoint
 from steps.materializers import BundleMaterializer
 from steps.tracking_context import mlflow_run
 
 logger = get_logger(__name__)
 
 
-@step(output_materializers=BundleMaterializer, retry=TRAINING_RETRY)
+@step(output_materializers=BundleMaterializer)
 def finetune_teacher(
     dataset: DatasetSpec,
     teacher_cfg: TeacherConfig,
@@ -41,20 +41,27 @@ def finetune_teacher(
     a newly promoted version part of the cache key (a cached teacher is not reused after
     a promotion; unchanged data and production are still served from the cache).
 
-    Every epoch is checkpointed (:mod:`steps.checkpoints`): a retry, or a re-run after
-    the process was killed, resumes from the last finished epoch.
+    Every epoch is checkpointed (:mod:`steps.checkpoints`): a retry after a transient
+    failure, or a re-run after the process was killed, resumes from the last finished
+    epoch. Permanent failures are not retried.
     """
     teacher_cfg = _with_production_start(teacher_cfg, warm_start_version)
     identity = {"dataset": dataset.model_dump(mode="json"),
                 "model": model_identity(teacher_cfg.model),
                 "train": teacher_cfg.train.model_dump(mode="json")}
-    with mlflow_run(tracking_cfg), training_checkpoint("finetune_teacher", identity) as ckpt:
-        log_metadata(metadata=ckpt.metadata())
-        bundle = recipes.train_teacher(dataset, teacher_cfg, checkpoint_dir=ckpt.directory,
-                                       callbacks=[tracking.epoch_logger("teacher")])
-        tracking.log_metrics(recipes.bundle_metrics(bundle), "teacher")
-        tracking.log_figure(plots.training_curves({"teacher": bundle.spec.extra["history"]}),
-                            "plots/teacher_curves.png")
+
+    def attempt() -> Bundle:
+        with mlflow_run(tracking_cfg), training_checkpoint("finetune_teacher", identity) as ckpt:
+            log_metadata(metadata=ckpt.metadata())
+            bundle = recipes.train_teacher(
+                dataset, teacher_cfg, checkpoint_dir=ckpt.directory,
+                callbacks=[tracking.epoch_logger("teacher"), *kill_switch("finetune_teacher")])
+            tracking.log_metrics(recipes.bundle_metrics(bundle), "teacher")
+            tracking.log_figure(plots.training_curves({"teacher": bundle.spec.extra["history"]}),
+                                "plots/teacher_curves.png")
+        return bundle
+
+    bundle = run_with_retries(attempt, step_name="finetune_teacher")
     logger.info("teacher %s: test accuracy %.4f", teacher_cfg.model.arch,
                 bundle.spec.extra["metrics"]["test_accuracy"])
     return bundle
