@@ -98,3 +98,25 @@ def test_validate_raises_one_error_with_every_problem() -> None:
     assert len(info.value.problems) == 2
     assert str(info.value).startswith("invalid configuration my.yaml (2 problems):\n  ")
     assert validate(PipelineConfig()) == PipelineConfig()
+
+
+def test_recipes_validate_before_building_anything() -> None:
+    """A recipe called from Python runs the same check, with relative key paths."""
+    from kdpipe.bundle import Bundle
+    from kdpipe.config import DataConfig, DistillConfig, StudentConfig
+    from kdpipe.data import build_dataset_spec
+    from kdpipe.models import create_model
+    from kdpipe.recipes import distill_student
+
+    spec = build_dataset_spec(DataConfig(source="digits"))
+    teacher = Bundle.from_model(create_model("cnn_tiny", 10, 1), arch="cnn_tiny",
+                                classes=spec.classes, input_shape=spec.input_shape,
+                                mean=spec.mean, std=spec.std)
+    student = parse_config({"student": {"model": {"arch": "cnn_tiny", "kwargs": {"widht": 4}}}})
+    with pytest.raises(ConfigProblems) as info:
+        distill_student(spec, teacher, student.student,
+                        DistillConfig(feature_loss="fitnet", student_layer="features",
+                                      teacher_layer="featurez"))
+    assert [p.path for p in info.value.problems] == ["student.model.kwargs.widht",
+                                                     "distill.teacher_layer"]
+    assert isinstance(student.student, StudentConfig)

@@ -1,7 +1,9 @@
 """Training recipes: the core calls behind the ``finetune_teacher``, ``distill_student`` and
 ``prune_student`` steps, usable from a notebook or a plain script as well.
 
-Each recipe builds the model, trains it with the one training loop (:func:`_fit`: here,
+Each recipe first checks the configuration it is given with :mod:`kdpipe.validate` (the
+same check as the CLI's: every problem at once, before any model is built), then builds
+the model, trains it with the one training loop (:func:`_fit`: here,
 or on DDP workers), measures the result and wraps it into a pickle-free
 :class:`~kdpipe.bundle.Bundle` (:func:`_trained_bundle`). ``bundle.spec.extra`` then holds:
 
@@ -52,6 +54,7 @@ from kdpipe.launch import FitJob, launch_fit
 from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
 from kdpipe.runtime import resolve_device, seed_everything
 from kdpipe.train import Callback, TrainResult, evaluate
+from kdpipe.validate import as_model_config, validate_parts
 
 if TYPE_CHECKING:
     from kdpipe.prune import PruneReport
@@ -82,6 +85,7 @@ def train_teacher(
     Returns:
         The trained teacher with its history and metrics in ``spec.extra``.
     """
+    validate_parts(data=dataset.config, teacher=cfg)
     seed_everything(cfg.train.seed)  # the initial weights follow from the config alone
     model = build_model(cfg.model, dataset.num_classes, dataset.in_channels)
     result = _fit(model, cfg.model, dataset, cfg.train, callbacks=callbacks,
@@ -113,6 +117,8 @@ def distill_student(
     Raises:
         ValueError: the teacher was built for other classes or another input shape.
     """
+    validate_parts(data=dataset.config, teacher=TeacherConfig(model=as_model_config(teacher.spec)),
+                   student=student_cfg, distill=distill_cfg)
     _check_compatible(teacher, dataset)
     seed_everything(student_cfg.train.seed)  # the initial weights follow from the config alone
     model = build_model(student_cfg.model, dataset.num_classes, dataset.in_channels)
@@ -156,6 +162,9 @@ def prune_student(
     """
     from kdpipe.prune import prune_model
 
+    validate_parts(data=dataset.config, teacher=TeacherConfig(model=as_model_config(teacher.spec)),
+                   student=StudentConfig(model=as_model_config(student.spec)),
+                   distill=distill_cfg, prune=prune_cfg)
     _check_compatible(teacher, dataset)
     _check_compatible(student, dataset, "student")  # its bundle is rebuilt for this dataset
     model = copy.deepcopy(student.model).cpu()

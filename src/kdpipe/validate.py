@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,8 @@ from kdpipe.prune import IMPORTANCES
 from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 
-__all__ = ["ConfigProblems", "Problem", "find_problems", "meta_model", "validate"]
+__all__ = ["ConfigProblems", "Problem", "as_model_config", "find_problems", "meta_model",
+           "validate", "validate_parts"]
 
 # Interim: the loss names until kdpipe.losses registers the losses themselves.
 LOGIT_LOSSES: Registry[str] = Registry("logit loss")
@@ -78,18 +80,33 @@ def validate(config: PipelineConfig, *, source: str = "", prefix: str = "paramet
     return config
 
 
+def validate_parts(**sections: Any) -> None:
+    """:func:`validate` for the sections a recipe is given (the others take defaults).
+
+    Key paths are then relative (``student.model.kwargs.widht``): a recipe called from
+    Python has no YAML file. Raises :class:`ConfigProblems`.
+    """
+    validate(PipelineConfig(**sections), prefix="")
+
+
+def as_model_config(spec: Any) -> ModelConfig:
+    """The :class:`ModelConfig` a bundle's model was built from (architecture, options)."""
+    return ModelConfig(arch=spec.arch, kwargs=dict(spec.kwargs))
+
+
 def find_problems(config: PipelineConfig, *, prefix: str = "parameters") -> list[Problem]:
     """Every problem of ``config`` (empty when it is runnable as far as config can tell)."""
     found: list[Problem] = []
-    found += _data_problems(config.data, f"{prefix}.data")
+    prefix = f"{prefix}." if prefix else ""  # "" for a config built in Python
+    found += _data_problems(config.data, f"{prefix}data")
     channels = _input_channels(config.data)
     models: dict[str, nn.Module | None] = {}
     for role in ("teacher", "student"):
         section = getattr(config, role)
-        path = f"{prefix}.{role}.model"
+        path = f"{prefix}{role}.model"
         found += _model_problems(section.model, path)
         models[role] = _try_meta(section.model, channels, found, path)
-        found += _train_problems(section.train, f"{prefix}.{role}.train", config.data)
+        found += _train_problems(section.train, f"{prefix}{role}.train", config.data)
     found += _distill_problems(config, models, prefix)
     found += _prune_problems(config, models["student"], prefix)
     return found
@@ -215,7 +232,7 @@ def _layer_problem(model: nn.Module, layer: str, path: str, role: str) -> list[P
 # ---------------------------------------------------------------- distill, prune
 def _distill_problems(config: PipelineConfig, models: dict[str, nn.Module | None],
                       prefix: str) -> list[Problem]:
-    cfg, path = config.distill, f"{prefix}.distill"
+    cfg, path = config.distill, f"{prefix}distill"
     found = _name_problem(LOGIT_LOSSES, cfg.loss, f"{path}.loss")
     found += _name_problem(FEATURE_LOSSES, cfg.feature_loss, f"{path}.feature_loss")
     if cfg.feature_loss == "none" or cfg.feature_loss not in FEATURE_LOSSES:
@@ -229,7 +246,7 @@ def _distill_problems(config: PipelineConfig, models: dict[str, nn.Module | None
 
 def _prune_problems(config: PipelineConfig, student: nn.Module | None, prefix: str
                     ) -> list[Problem]:
-    cfg, path = config.prune, f"{prefix}.prune"
+    cfg, path = config.prune, f"{prefix}prune"
     if not cfg.enabled:
         return []
     found = _name_problem(IMPORTANCES, cfg.importance, f"{path}.importance")
