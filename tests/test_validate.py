@@ -120,3 +120,19 @@ def test_recipes_validate_before_building_anything() -> None:
     assert [p.path for p in info.value.problems] == ["student.model.kwargs.widht",
                                                      "distill.teacher_layer"]
     assert isinstance(student.student, StudentConfig)
+
+
+@pytest.mark.integration
+def test_pipeline_called_from_python_validates_before_a_run_exists() -> None:
+    """The pipeline function itself validates while ZenML compiles it: no run is created."""
+    from zenml.client import Client
+
+    from kdpipe.config import DistillConfig
+    from pipelines.distillation import distillation_pipeline
+
+    client = Client()
+    before = client.list_pipeline_runs().total
+    with pytest.raises(ConfigProblems, match=r"distill\.loss: unknown logit loss 'crd'"):
+        distillation_pipeline.with_options(run_name="kd-invalid-from-python")(
+            distill=DistillConfig(loss="crd"))
+    assert client.list_pipeline_runs().total == before
