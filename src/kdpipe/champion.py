@@ -56,7 +56,7 @@ from kdpipe.promotion import (
 if TYPE_CHECKING:
     from kdpipe.bundle import Bundle
     from kdpipe.eval_report import EvaluationReport
-    from kdpipe.export import ExportResult
+    from kdpipe.export_report import ExportResult
     from kdpipe.gate import GateDecision
 
 __all__ = [

@@ -34,7 +34,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from kdpipe.config import GateConfig
-from kdpipe.evaluation import EvaluationReport
+from kdpipe.eval_report import EvaluationReport
 
 __all__ = ["TOLERANCE", "GateCheck", "GateDecision", "decide"]
 
