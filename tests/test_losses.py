@@ -9,8 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from kdpipe.config import DistillConfig
 from kdpipe.losses import (
+    FEATURE_LOSSES,
+    LOGIT_LOSSES,
+    NO_FEATURE_LOSS,
+    AttentionHead,
     FeatureHook,
+    FitNetHead,
     HintRegressor,
     attention_transfer_loss,
     dkd_loss,
@@ -296,3 +302,59 @@ def test_feature_hook_unknown_path_lists_nearby_paths():
     assert "body.0" in str(err.value) and "body.1" in str(err.value)
     with pytest.raises(ValueError, match=r"no module 'zzz'; nearby valid paths: body, head"):
         FeatureHook(net, "zzz")
+
+
+# ---------------------------------------------------------------- registries
+def _logits(seed: int = 0, n: int = 6, k: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
+    return s, t, torch.randint(0, k, (n,), generator=g)
+
+
+def test_logit_and_feature_registries_hold_the_config_names():
+    assert LOGIT_LOSSES.names() == ["dkd", "kd"]
+    assert FEATURE_LOSSES.names() == ["attention", "fitnet", NO_FEATURE_LOSS]
+    assert DistillConfig().loss in LOGIT_LOSSES and DistillConfig().feature_loss in FEATURE_LOSSES
+
+
+def test_registered_kd_matches_the_numpy_reference():
+    s, t, y = _logits()
+    cfg = DistillConfig(loss="kd", temperature=3.0, kd_weight=0.4)
+    total, parts = LOGIT_LOSSES.get("kd")(s, t, y, 1, cfg)
+    ce, kd = np_ce(s.numpy(), y.numpy()), np_kd_kl(s.numpy(), t.numpy(), 3.0)
+    assert set(parts) == {"ce", "kd"}
+    assert float(parts["ce"]) == pytest.approx(ce, abs=1e-12)
+    assert float(parts["kd"]) == pytest.approx(kd, abs=1e-12)
+    assert float(total) == pytest.approx(0.6 * ce + 0.4 * kd, abs=1e-12)
+
+
+@pytest.mark.parametrize(("epoch", "warm"), [(1, 1 / 3), (3, 1.0), (7, 1.0)])
+def test_registered_dkd_is_ce_plus_the_warmed_up_dkd_term(epoch: int, warm: float):
+    s, t, y = _logits(1)
+    cfg = DistillConfig(loss="dkd", dkd_alpha=0.5, dkd_beta=4.0, temperature=2.0, dkd_warmup_epochs=3)
+    total, parts = LOGIT_LOSSES.get("dkd")(s, t, y, epoch, cfg)
+    tckd, nckd = np_dkd_raw(s.numpy(), t.numpy(), y.numpy(), 2.0)
+    dkd = 4.0 * (0.5 * tckd + 4.0 * nckd)  # T^2 = 4
+    assert float(parts["dkd"]) == pytest.approx(dkd, rel=1e-9)
+    assert float(total) == pytest.approx(np_ce(s.numpy(), y.numpy()) + warm * dkd, rel=1e-9)
+
+
+@torch.no_grad()
+def test_registered_feature_heads_compute_their_losses():
+    torch.manual_seed(0)
+    fs, ft = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)
+    cfg = DistillConfig(feature_loss="fitnet", student_layer="a", teacher_layer="b")
+    fitnet = FEATURE_LOSSES.get("fitnet")(cfg, 4, 6)
+    assert isinstance(fitnet, FitNetHead) and len(list(fitnet.parameters())) == 3
+    expected = fitnet_loss(fitnet.regressor(fs, size=(4, 4)), ft)
+    assert float(fitnet(fs, ft)) == pytest.approx(float(expected), rel=1e-6)
+    attention = FEATURE_LOSSES.get("attention")(cfg, 4, 6)
+    assert isinstance(attention, AttentionHead) and list(attention.parameters()) == []
+    assert float(attention(fs, ft)) == pytest.approx(float(attention_transfer_loss(fs, ft)), abs=1e-7)
+    assert FEATURE_LOSSES.get(NO_FEATURE_LOSS)(cfg, 4, 6) is None
+
+
+def test_unknown_loss_name_lists_the_valid_ones():
+    with pytest.raises(KeyError, match=r"unknown logit loss 'kl'; valid names: dkd, kd"):
+        LOGIT_LOSSES.get("kl")

@@ -232,7 +232,7 @@ def test_resume_with_other_config_starts_fresh_with_warning(tmp_path, caplog) ->
     train, val = loaders()
     fit(new_model(), ClassificationTask(), train, val, cpu_cfg(epochs=1), checkpoint_dir=tmp_path)
     train, val = loaders()
-    with caplog.at_level(logging.WARNING, logger="kdpipe.train"):
+    with caplog.at_level(logging.WARNING, logger="kdpipe.checkpoint"):
         res = fit(new_model(), ClassificationTask(), train, val, cpu_cfg(epochs=1, lr=0.01),
                   checkpoint_dir=tmp_path)
     assert res.resumed_from_epoch == 0 and len(res.history) == 1
@@ -291,6 +291,29 @@ def test_nan_loss_raises_with_epoch_step_and_fix_keeping_last_good_checkpoint(tm
     assert not (tmp_path / (CHECKPOINT_NAME + ".tmp")).exists()
 
 
+@pytest.mark.parametrize(("batch_size", "at"), [(2, (2, 5)), (1, (1, 31))])
+def test_divergence_between_read_backs_names_the_exact_step(batch_size: int, at: tuple) -> None:
+    """The loss is read back every LOG_INTERVAL steps only, yet the error names the step."""
+    from kdpipe.train import LOG_INTERVAL
+
+    train, val = loaders(batch_size=batch_size)
+    assert at[1] % LOG_INTERVAL != 0  # not itself a read-back step
+    with pytest.raises(TrainingDivergedError, match=rf"at epoch {at[0]}, step {at[1]} \(loss = nan"):
+        fit(new_model(), NanAt(*at), train, val, cpu_cfg(epochs=2))
+
+
+def test_loss_is_read_back_once_per_log_interval(monkeypatch) -> None:
+    from kdpipe import loss_meter
+
+    checks = []
+    original = loss_meter.LossMeter.check
+    monkeypatch.setattr(loss_meter.LossMeter, "check",
+                        lambda self: checks.append(self.unchecked) or original(self))
+    train, _ = loaders(batch_size=1)  # 48 steps: read back after 25 and after 48
+    fit(new_model(), ClassificationTask(), train, None, cpu_cfg(epochs=1))
+    assert checks == [loss_meter.LOG_INTERVAL, 48 - loss_meter.LOG_INTERVAL]
+
+
 def test_loss_above_max_loss_is_divergence() -> None:
     train, val = loaders()
     with pytest.raises(TrainingDivergedError, match=r"epoch 1, step 1 .*max_loss = 0\.001"):
@@ -306,6 +329,18 @@ def test_out_of_memory_suggests_a_smaller_batch() -> None:
     train, val = loaders(batch_size=16)
     with pytest.raises(TrainingOOMError, match=r"batch size 16; lower data.batch_size \(e.g. to 8\)"):
         fit(OOMNet(), ClassificationTask(), train, val, cpu_cfg())
+
+
+class OldStyleTask(ClassificationTask):
+    def prepare(self, model, train_loader, device):  # returns None, as before issue 13
+        return None
+
+
+def test_prepare_must_return_the_module_to_train() -> None:
+    train, _ = loaders()
+    with pytest.raises(TypeError, match=r"OldStyleTask.prepare\(\) returned NoneType; it must "
+                                        r"return the module to train"):
+        fit(new_model(), OldStyleTask(), train, None, cpu_cfg(epochs=1))
 
 
 def test_empty_train_loader_is_an_error() -> None:
@@ -346,7 +381,42 @@ def test_kd_loss_combines_ce_and_kd_with_kd_weight(teacher) -> None:
     task.prepare(new_model(), train, torch.device("cpu"))
     x, y, index = next(iter(DataLoader(make_data(48), batch_size=8)))
     total, parts = task.loss(new_model().eval(), x, y, index, epoch=1)
-    assert float(total.detach()) == pytest.approx(0.75 * parts["ce"] + 0.25 * parts["kd"], abs=1e-6)
+    assert all(not p.requires_grad and p.dim() == 0 for p in parts.values())  # detached, on the device
+    assert float(total.detach()) == pytest.approx(
+        0.75 * float(parts["ce"]) + 0.25 * float(parts["kd"]), abs=1e-6)
+
+
+@pytest.mark.parametrize("feature_loss", ["none", "fitnet"])
+def test_teacher_runs_before_the_student(teacher, feature_loss: str) -> None:
+    """The teacher's no-grad forward comes first, so its activations are freed before the
+    student's autograd graph exists (less peak memory)."""
+    cfg = DistillConfig(cache_teacher_logits=False, feature_loss=feature_loss,
+                        student_layer="features", teacher_layer="features")
+    task, student, order = DistillationTask(teacher, cfg), new_model(), []
+    train, _ = loaders()
+    module = task.prepare(student, train, torch.device("cpu"))
+    hooks = [m.register_forward_pre_hook(lambda *_, name=name: order.append(name))
+             for name, m in (("teacher", teacher), ("student", student))]
+    try:
+        x, y, index = next(iter(train))
+        task.loss(module, x, y, index, epoch=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert order == ["teacher", "student"]
+
+
+class ChangingParts(ClassificationTask):
+    def loss(self, model, x, y, index, epoch):
+        loss, parts = super().loss(model, x, y, index, epoch)
+        self.calls = getattr(self, "calls", 0) + 1
+        return loss, (parts if self.calls == 1 else {"other": parts["ce"]})
+
+
+def test_loss_parts_that_change_within_an_epoch_are_an_error() -> None:
+    train, _ = loaders()
+    with pytest.raises(ValueError, match=r"loss parts changed within an epoch \(\['ce'\] -> \['other'\]\)"):
+        fit(new_model(), ChangingParts(), train, None, cpu_cfg(epochs=1))
 
 
 class NoisyDataset(Dataset):
@@ -395,40 +465,69 @@ def test_dkd_warmup_scales_the_dkd_term(teacher) -> None:
     for epoch, warm in ((1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)):
         total, parts = task.loss(student, x, y, index, epoch)
         assert set(parts) == {"ce", "dkd"}
-        assert float(total.detach()) == pytest.approx(parts["ce"] + warm * parts["dkd"], abs=1e-5)
+        assert float(total.detach()) == pytest.approx(
+            float(parts["ce"]) + warm * float(parts["dkd"]), abs=1e-5)
 
 
 @pytest.mark.parametrize("feature_loss", ["fitnet", "attention"])
-def test_feature_losses_train_and_report_feat(teacher, feature_loss: str) -> None:
+def test_feature_losses_train_and_report_feat(tmp_path, teacher, feature_loss: str) -> None:
     cfg = DistillConfig(feature_loss=feature_loss, feature_weight=0.5,
                         student_layer="features", teacher_layer="features")
     task = DistillationTask(teacher, cfg)
     train, val = loaders()
-    res = fit(new_model(), task, train, val, cpu_cfg(epochs=1))
+    student = new_model()
+    res = fit(student, task, train, val, cpu_cfg(epochs=1), checkpoint_dir=tmp_path)
     assert not task.caches_logits  # the teacher must run every step for its features
     assert res.history[0]["train_feat"] > 0.0
+    # fit returns the bare student: no head weights, no hooks left behind.
+    assert set(student.state_dict()) == set(new_model().state_dict())
+    assert not student.features._forward_hooks and not teacher.features._forward_hooks
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["model"]
     if feature_loss == "fitnet":
-        # The regressor (4 -> 8 channels) is optimised along with the student.
-        conv = task.regressor.conv.weight
-        assert conv.shape == (8, 4, 1, 1) and len(task.extra_parameters()) == 3
+        # The regressor (4 -> 8 channels) trains inside one module with the student: the
+        # optimiser stepped it and the checkpoint holds it next to the student.
+        conv = task.head.regressor.conv.weight
+        assert conv.shape == (8, 4, 1, 1) and conv.grad is not None
+        assert torch.equal(saved["head.regressor.conv.weight"], conv.detach())
+        assert {k for k in saved if k.startswith("head.")} == {
+            f"head.regressor.{k}" for k in task.head.regressor.state_dict()}
     else:
-        assert task.extra_parameters() == []
+        assert list(task.head.parameters()) == []
+        assert not any(k.startswith("head.") for k in saved)
+    assert {k.removeprefix("student.") for k in saved} >= set(student.state_dict())
+
+
+def test_student_with_hint_names_a_wrong_layer(teacher) -> None:
+    cfg = DistillConfig(feature_loss="attention", student_layer="featurez", teacher_layer="features")
+    train, _ = loaders()
+    with pytest.raises(ValueError, match=r"TinyNet has no module 'featurez'; nearby valid paths: features"):
+        DistillationTask(teacher, cfg).prepare(new_model(), train, torch.device("cpu"))
+
+
+def test_unknown_loss_names_list_the_registered_ones(teacher) -> None:
+    with pytest.raises(KeyError, match=r"unknown logit loss 'kld'; valid names: dkd, kd"):
+        DistillationTask(teacher, DistillConfig(loss="kld"))
+    with pytest.raises(KeyError, match=r"unknown feature loss 'hint'; valid names: attention, fitnet, none"):
+        DistillationTask(teacher, DistillConfig(feature_loss="hint", student_layer="features",
+                                                teacher_layer="features"))
 
 
 def test_fitnet_resume_restores_the_regressor(tmp_path, teacher) -> None:
     cfg = DistillConfig(feature_loss="fitnet", student_layer="features", teacher_layer="features")
     train, val = loaders()
-    full_task = DistillationTask(teacher, cfg)
-    fit(new_model(), full_task, train, val, cpu_cfg(epochs=2))
+    full_task, full_model = DistillationTask(teacher, cfg), new_model()
+    full = fit(full_model, full_task, train, val, cpu_cfg(epochs=2))
     train, val = loaders()
     with pytest.raises(Crash):
         fit(new_model(), DistillationTask(teacher, cfg), train, val, cpu_cfg(epochs=2),
             checkpoint_dir=tmp_path, callbacks=[crash_after(1)])
     train, val = loaders()
-    task = DistillationTask(teacher, cfg)
-    fit(new_model(), task, train, val, cpu_cfg(epochs=2), checkpoint_dir=tmp_path)
-    for a, b in zip(task.extra_parameters(), full_task.extra_parameters(), strict=True):
-        assert torch.equal(a, b)
+    task, model = DistillationTask(teacher, cfg), new_model(seed=3)
+    resumed = fit(model, task, train, val, cpu_cfg(epochs=2), checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_epoch == 1
+    assert without_time(resumed.history) == without_time(full.history)
+    assert_same_weights(task.head, full_task.head)
+    assert_same_weights(model, full_model)
 
 
 def test_seed_everything_repeats_all_generators() -> None:

@@ -12,18 +12,32 @@ so every caller gets it.
 
 All KL terms are averaged over the batch ("batchmean"), i.e. summed over classes and
 divided by the batch size, which is the mathematically correct KL per sample.
+
+A config names its losses (``distill.loss``, ``distill.feature_loss``); they are looked up
+in :data:`LOGIT_LOSSES` and :data:`FEATURE_LOSSES`, so adding one is a registered function
+here (reading its hyperparameters from the :class:`~kdpipe.config.DistillConfig`) and
+nothing else.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdpipe.config import DistillConfig
 from kdpipe.models import nearest_module_paths
+from kdpipe.registry import Registry
 
 __all__ = [
+    "FEATURE_LOSSES",
+    "LOGIT_LOSSES",
+    "NO_FEATURE_LOSS",
+    "AttentionHead",
     "FeatureHook",
+    "FitNetHead",
     "HintRegressor",
     "attention_map",
     "attention_transfer_loss",
@@ -299,3 +313,69 @@ class FeatureHook:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+# ------------------------------------------------------------------ registries
+LogitLoss = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, int, DistillConfig],
+    tuple[torch.Tensor, dict[str, torch.Tensor]],
+]
+"""``loss(student_logits, teacher_logits, targets, epoch, cfg) -> (total, parts)``;
+``epoch`` is 1-based, ``parts`` names the terms the history reports (``train_<part>``)."""
+FeatureLossHead = Callable[[DistillConfig, int, int], nn.Module | None]
+"""``head(cfg, student_channels, teacher_channels)``: a module whose
+``forward(student_feat, teacher_feat)`` is the scalar feature loss. Its parameters (a
+FitNets regressor) train with the student, inside one module with it."""
+
+LOGIT_LOSSES: Registry[LogitLoss] = Registry("logit loss")
+FEATURE_LOSSES: Registry[FeatureLossHead] = Registry("feature loss")
+NO_FEATURE_LOSS = "none"
+"""``distill.feature_loss`` that switches feature losses off (no hooks, no head)."""
+
+
+@LOGIT_LOSSES.register("kd")
+def _kd(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, epoch: int, cfg: DistillConfig):
+    terms = kd_loss(s, t, y, cfg.temperature, cfg.kd_weight)
+    return terms["loss"], {"ce": terms["ce"], "kd": terms["kd"]}
+
+
+@LOGIT_LOSSES.register("dkd")
+def _dkd(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, epoch: int, cfg: DistillConfig):
+    """``CE + w(epoch) * DKD`` with the paper's warm-up ``w = min(epoch / dkd_warmup_epochs, 1)``."""
+    ce = F.cross_entropy(s, y)
+    warm = min(epoch / cfg.dkd_warmup_epochs, 1.0) if cfg.dkd_warmup_epochs else 1.0
+    dkd = dkd_loss(s, t, y, cfg.dkd_alpha, cfg.dkd_beta, cfg.temperature)
+    return ce + warm * dkd, {"ce": ce, "dkd": dkd}
+
+
+class FitNetHead(nn.Module):
+    """FitNets as a feature-loss head: regress the student's map, then the hint loss."""
+
+    def __init__(self, s_channels: int, t_channels: int) -> None:
+        super().__init__()
+        self.regressor = HintRegressor(s_channels, t_channels)
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+        return fitnet_loss(self.regressor(student_feat, size=tuple(teacher_feat.shape[-2:])), teacher_feat)
+
+
+class AttentionHead(nn.Module):
+    """Attention transfer as a feature-loss head (no parameters)."""
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+        return attention_transfer_loss(student_feat, teacher_feat)
+
+
+@FEATURE_LOSSES.register("fitnet")
+def _fitnet(cfg: DistillConfig, s_channels: int, t_channels: int) -> nn.Module:
+    return FitNetHead(s_channels, t_channels)
+
+
+@FEATURE_LOSSES.register("attention")
+def _attention(cfg: DistillConfig, s_channels: int, t_channels: int) -> nn.Module:
+    return AttentionHead()
+
+
+@FEATURE_LOSSES.register(NO_FEATURE_LOSS)
+def _no_feature_loss(cfg: DistillConfig, s_channels: int, t_channels: int) -> None:
+    return None  # the task neither hooks the layers nor calls this

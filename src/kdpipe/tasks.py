@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from kdpipe.config import DistillConfig
+from kdpipe.losses import FEATURE_LOSSES, LOGIT_LOSSES, NO_FEATURE_LOSS, FeatureHook
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,22 @@ _CACHE_CHECK_ATOL = 1e-3
 class Task(Protocol):
     """What :func:`kdpipe.train.fit` needs from a training objective."""
 
-    def prepare(self, model: nn.Module, train_loader: DataLoader, device: torch.device) -> None:
-        """Called once before the optimiser is built (move helpers, cache teacher outputs)."""
+    def prepare(self, model: nn.Module, train_loader: DataLoader, device: torch.device) -> nn.Module:
+        """Called once before the optimiser is built; returns the module to train.
 
-    def extra_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters outside the model (e.g. a FitNet regressor)."""
+        That is ``model`` itself, or one module owning it and the task's trainable helpers
+        (e.g. :class:`StudentWithHint` with a FitNets regressor): the optimiser, DDP and the
+        checkpoints see that module, while ``fit`` evaluates and returns ``model``.
+        """
 
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor, epoch: int
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Return the total loss (scalar tensor with grad) and its parts as floats.
+        self, module: nn.Module, x: Tensor, y: Tensor, index: Tensor, epoch: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return the total loss (scalar tensor with grad) and its parts, detached.
 
-        ``epoch`` is 1-based.
+        ``module`` is what :meth:`prepare` returned (wrapped by DDP under several
+        processes). The parts stay on the device: the loop reads them back once per log
+        interval, not per step. ``epoch`` is 1-based.
         """
 
 
@@ -68,23 +73,20 @@ class ClassificationTask:
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
 
-    def prepare(self, model: nn.Module, train_loader: DataLoader, device: torch.device) -> None:
-        """Nothing to prepare for plain classification."""
-
-    def extra_parameters(self) -> list[nn.Parameter]:
-        """No parameters outside the model."""
-        return []
+    def prepare(self, model: nn.Module, train_loader: DataLoader, device: torch.device) -> nn.Module:
+        """Nothing to prepare for plain classification: the model itself is trained."""
+        return model
 
     def describe(self) -> str:
         """Identity of this task for checkpoint matching."""
         return f"ClassificationTask(label_smoothing={self.label_smoothing})"
 
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor, epoch: int
-    ) -> tuple[Tensor, dict[str, float]]:
+        self, module: nn.Module, x: Tensor, y: Tensor, index: Tensor, epoch: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Cross-entropy of the model's logits against ``y``."""
-        ce = F.cross_entropy(model(x), y, label_smoothing=self.label_smoothing)
-        return ce, {"ce": float(ce.detach())}
+        ce = F.cross_entropy(module(x), y, label_smoothing=self.label_smoothing)
+        return ce, {"ce": ce.detach()}
 
 
 def loader_augments(loader: DataLoader) -> bool:
@@ -97,19 +99,46 @@ def loader_augments(loader: DataLoader) -> bool:
     return bool(getattr(loader.dataset, "augment", False))
 
 
+class StudentWithHint(nn.Module):
+    """The student and its feature-loss head as one module (training only).
+
+    ``forward(x, teacher_feat) -> (logits, feature_loss)``: the student's ``layer`` output is
+    captured during its forward pass and handed to ``head`` with the teacher's map. One
+    module means DDP reduces the head's gradients with the student's, the optimiser holds
+    both, and a checkpoint restores both; the hook lives only for the forward call, so
+    the student itself is left without hooks (the exported model is the bare student).
+
+    Args:
+        student: the network being distilled.
+        layer: module path of the student's feature layer (e.g. ``features.stage3``).
+        head: e.g. :class:`~kdpipe.losses.FitNetHead` (a regressor) or
+            :class:`~kdpipe.losses.AttentionHead`.
+    """
+
+    def __init__(self, student: nn.Module, layer: str, head: nn.Module) -> None:
+        super().__init__()
+        FeatureHook(student, layer).remove()  # a wrong path fails here, naming near ones
+        self.student, self.head, self.layer = student, head, layer
+
+    def forward(self, x: Tensor, teacher_feat: Tensor) -> tuple[Tensor, Tensor]:
+        with FeatureHook(self.student, self.layer) as hook:
+            logits = self.student(x)
+            student_feat = hook.output
+        return logits, self.head(student_feat, teacher_feat)
+
+
 class DistillationTask:
     """Distil a frozen teacher into the trained model (the student).
 
-    Losses (``cfg.loss``):
+    The logit loss is ``LOGIT_LOSSES[cfg.loss]`` (:mod:`kdpipe.losses`: ``kd`` with parts
+    ``ce``, ``kd``; ``dkd`` with ``ce``, ``dkd``). A feature loss
+    ``FEATURE_LOSSES[cfg.feature_loss]`` (``fitnet``, ``attention``) between
+    ``cfg.student_layer`` and ``cfg.teacher_layer`` is added with weight
+    ``cfg.feature_weight`` (part ``feat``); its head trains inside a
+    :class:`StudentWithHint` that :meth:`prepare` returns.
 
-    * ``kd``: ``(1 - kd_weight) * CE + kd_weight * T^2 * KL`` (:func:`kdpipe.losses.kd_loss`);
-      parts ``ce``, ``kd``.
-    * ``dkd``: ``CE + w(epoch) * DKD`` with the warm-up ``w = min(epoch / dkd_warmup_epochs, 1)``
-      (1-based epochs); parts ``ce``, ``dkd``.
-
-    An optional feature loss (``fitnet`` through a trainable :class:`HintRegressor`, or
-    ``attention`` transfer) between ``cfg.student_layer`` and ``cfg.teacher_layer`` is
-    added with weight ``cfg.feature_weight``; part ``feat``.
+    The teacher runs first on each batch, under ``no_grad``, so its activations are freed
+    before the student's autograd graph is built.
 
     Teacher logits are computed once for the whole train split (indexed by the batch's
     ``index`` column) when ``cfg.cache_teacher_logits`` is set, no feature loss is used
@@ -120,15 +149,21 @@ class DistillationTask:
     Args:
         teacher: the trained teacher; put in eval mode with gradients off.
         cfg: the distillation configuration.
+
+    Raises:
+        kdpipe.registry.UnknownNameError: ``cfg.loss`` or ``cfg.feature_loss`` is not
+            registered (the message lists the valid names).
     """
 
     def __init__(self, teacher: nn.Module, cfg: DistillConfig) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.cfg = cfg
-        self.regressor: nn.Module | None = None
+        self._logit_loss = LOGIT_LOSSES.get(cfg.loss)
+        self._make_head = FEATURE_LOSSES.get(cfg.feature_loss)
+        self.head: nn.Module | None = None
+        """The feature-loss head (e.g. the FitNets regressor) once prepared."""
         self._cache: Tensor | None = None
         self._verify_cache = False
-        self._hooks: tuple = ()
 
     # ---------------------------------------------------------------- preparation
     @property
@@ -136,30 +171,34 @@ class DistillationTask:
         """True once :meth:`prepare` has cached the teacher's logits."""
         return self._cache is not None
 
-    def prepare(self, model: nn.Module, train_loader: DataLoader, device: torch.device) -> None:
-        """Move the teacher to ``device``; set up feature hooks or the logit cache."""
+    @property
+    def uses_features(self) -> bool:
+        """Whether a feature loss is configured (the teacher then runs every step)."""
+        return self.cfg.feature_loss != NO_FEATURE_LOSS
+
+    def prepare(self, model: nn.Module, train_loader: DataLoader, device: torch.device) -> nn.Module:
+        """Move the teacher to ``device``; set up the feature head or the logit cache.
+
+        Returns:
+            ``model``, or a :class:`StudentWithHint` owning it when a feature loss is used.
+        """
         self.teacher.eval().to(device)  # eval again: the caller may have trained it since
         if device.type == "cuda":
             self.teacher.to(memory_format=torch.channels_last)
         self._cache = None
-        if self.cfg.feature_loss != "none":
-            self._prepare_features(model, train_loader, device)
-        elif self.cfg.cache_teacher_logits and not loader_augments(train_loader):
+        if self.uses_features:
+            return self._prepare_features(model, train_loader, device)
+        if self.cfg.cache_teacher_logits and not loader_augments(train_loader):
             self._cache = self._teacher_logits_for_split(train_loader, device)
             self._verify_cache = True
+        return model
 
-    def _prepare_features(self, model: nn.Module, loader: DataLoader, device: torch.device) -> None:
-        from kdpipe.losses import FeatureHook, HintRegressor
-
-        for hook in self._hooks:  # a second prepare() must not stack hooks
-            hook.remove()
-        self._hooks = (
-            FeatureHook(model, self.cfg.student_layer),
-            FeatureHook(self.teacher, self.cfg.teacher_layer),
-        )
-        if self.cfg.feature_loss == "fitnet" and self.regressor is None:
+    def _prepare_features(self, model: nn.Module, loader: DataLoader, device: torch.device) -> nn.Module:
+        FeatureHook(self.teacher, self.cfg.teacher_layer).remove()  # a wrong path fails here
+        if self.head is None:  # kept across prepare() calls, like the student's weights
             s_feat, t_feat = self._probe_features(model, loader, device)
-            self.regressor = HintRegressor(s_feat.shape[1], t_feat.shape[1]).to(device)
+            self.head = self._make_head(self.cfg, s_feat.shape[1], t_feat.shape[1]).to(device)
+        return StudentWithHint(model, self.cfg.student_layer, self.head)
 
     @torch.no_grad()
     def _probe_features(
@@ -169,10 +208,14 @@ class DistillationTask:
         x = loader.dataset[0][0].unsqueeze(0).to(device)
         was_training = model.training
         model.eval()
-        model(x)
-        self.teacher(x)
+        with FeatureHook(model, self.cfg.student_layer) as hook:
+            model(x)
+            s_feat = hook.output
+        with FeatureHook(self.teacher, self.cfg.teacher_layer) as hook:
+            self.teacher(x)
+            t_feat = hook.output
         model.train(was_training)
-        return self._hooks[0].output, self._hooks[1].output
+        return s_feat, t_feat
 
     @torch.no_grad()
     def _teacher_logits_for_split(self, loader: DataLoader, device: torch.device) -> Tensor:
@@ -218,19 +261,22 @@ class DistillationTask:
         """Identity for checkpoint matching: the config and a hash of the teacher's weights."""
         return f"DistillationTask({self.cfg.model_dump_json()}, teacher={teacher_fingerprint(self.teacher)})"
 
-    def extra_parameters(self) -> list[nn.Parameter]:
-        """The FitNet regressor's parameters (empty for other losses)."""
-        return [] if self.regressor is None else list(self.regressor.parameters())
-
     # ----------------------------------------------------------------------- loss
-    def _teacher_logits(self, x: Tensor, index: Tensor) -> Tensor:
-        if self._cache is None:
-            with torch.no_grad():
-                return self.teacher(x)
-        cached = self._cache[index.to(self._cache.device)]
-        if self._verify_cache:
-            self._check_cache(x, cached)
-        return cached
+    @torch.no_grad()
+    def _teacher_outputs(self, x: Tensor, index: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The teacher's logits (cached or fresh) and, with a feature loss, its feature map."""
+        if self._cache is not None:
+            cached = self._cache[index.to(self._cache.device, non_blocking=True)]
+            if self._verify_cache:
+                self._check_cache(x, cached)
+            return cached, None
+        if not self.uses_features:
+            return self.teacher(x), None
+        if self.head is None:
+            raise RuntimeError("DistillationTask.loss() with a feature loss needs prepare() first "
+                               "(kdpipe.train.fit calls it)")
+        with FeatureHook(self.teacher, self.cfg.teacher_layer) as hook:  # no hook left behind
+            return self.teacher(x), hook.output
 
     @torch.no_grad()
     def _check_cache(self, x: Tensor, cached: Tensor) -> None:
@@ -246,35 +292,20 @@ class DistillationTask:
             )
         self._verify_cache = False
 
-    def _feature_loss(self) -> Tensor:
-        from kdpipe.losses import attention_transfer_loss, fitnet_loss
-
-        s_feat, t_feat = self._hooks[0].output, self._hooks[1].output
-        if self.cfg.feature_loss == "fitnet":
-            return fitnet_loss(self.regressor(s_feat, size=tuple(t_feat.shape[-2:])), t_feat)
-        return attention_transfer_loss(s_feat, t_feat)
-
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor, epoch: int
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Distillation loss of the student ``model`` on one batch (``epoch`` is 1-based)."""
-        from kdpipe.losses import dkd_loss, kd_loss
-
-        cfg = self.cfg
-        s_logits = model(x)
-        t_logits = self._teacher_logits(x, index)
-        if cfg.loss == "kd":
-            terms = kd_loss(s_logits, t_logits, y, cfg.temperature, cfg.kd_weight)
-            total, parts = terms["loss"], {"ce": terms["ce"], "kd": terms["kd"]}
+        self, module: nn.Module, x: Tensor, y: Tensor, index: Tensor, epoch: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Distillation loss on one batch; ``module`` is what :meth:`prepare` returned."""
+        t_logits, t_feat = self._teacher_outputs(x, index)  # first: no student graph alive yet
+        if t_feat is None:
+            s_logits, feat = module(x), None
         else:
-            ce = F.cross_entropy(s_logits, y)
-            warm = min(epoch / cfg.dkd_warmup_epochs, 1.0) if cfg.dkd_warmup_epochs else 1.0
-            dkd = dkd_loss(s_logits, t_logits, y, cfg.dkd_alpha, cfg.dkd_beta, cfg.temperature)
-            total, parts = ce + warm * dkd, {"ce": ce, "dkd": dkd}
-        if cfg.feature_loss != "none":
-            parts["feat"] = self._feature_loss()
-            total = total + cfg.feature_weight * parts["feat"]
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+            s_logits, feat = module(x, t_feat)
+        total, parts = self._logit_loss(s_logits, t_logits, y, epoch, self.cfg)
+        if feat is not None:
+            parts = {**parts, "feat": feat}
+            total = total + self.cfg.feature_weight * feat
+        return total, {k: v.detach() for k, v in parts.items()}
 
 
 def teacher_fingerprint(teacher: nn.Module) -> str:
