@@ -21,7 +21,7 @@ the single-process run: a config keeps its meaning when ``num_processes`` change
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from kdpipe.config import TrainConfig
 from kdpipe.runtime import resolve_device
 
 __all__ = [
-    "DistributedConfigError", "ShardSampler", "all_reduce_sum", "average_gradients",
+    "DistributedConfigError", "ShardSampler", "all_reduce_sum",
     "broadcast_buffers", "check_launch", "distribute_loader", "is_active", "is_main_process",
     "local_rank", "process_device", "rank", "shard_loader", "sync_batchnorm", "world_size",
 ]
@@ -96,21 +96,6 @@ def all_reduce_sum(values: Tensor) -> Tensor:
     total = values.detach().to(device, copy=True)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.to(values.device)
-
-
-def average_gradients(params: Sequence[nn.Parameter]) -> None:
-    """Average the gradients of parameters DDP does not manage (e.g. a FitNet regressor)
-    across processes, so every rank applies the same update."""
-    if not is_active() or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size()
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
 
 
 def broadcast_buffers(model: nn.Module) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from kdpipe.config import ConfigError, DataConfig, ModelConfig, PipelineConfig, TrainConfig
+from kdpipe.losses import FEATURE_LOSSES, LOGIT_LOSSES
 from kdpipe.models import MODELS, nearest_module_paths
 from kdpipe.optim import OPTIMIZERS, SCHEDULERS
 from kdpipe.prune import IMPORTANCES
@@ -36,14 +37,6 @@ from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 
 __all__ = ["ConfigProblems", "Problem", "as_model_config", "find_problems", "meta_model",
            "validate", "validate_parts"]
-
-# Interim: the loss names until kdpipe.losses registers the losses themselves.
-LOGIT_LOSSES: Registry[str] = Registry("logit loss")
-FEATURE_LOSSES: Registry[str] = Registry("feature loss")
-for _name in ("kd", "dkd"):
-    LOGIT_LOSSES.register(_name, _name)
-for _name in ("none", "fitnet", "attention"):
-    FEATURE_LOSSES.register(_name, _name)
 
 _PLACEHOLDER_CLASSES = 10
 """Class count for the meta-device builds: module paths do not depend on it."""
