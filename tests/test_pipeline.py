@@ -3,7 +3,8 @@
 Runs share one isolated ZenML store and MLflow database (tests/conftest.py) and are made
 once per module, in this order:
 
-1. ``first``: configs/smoke.yaml through ``run_pipeline.py`` (the real CLI);
+1. ``first``: configs/smoke.yaml through ``python run_pipeline.py`` (the real CLI; the
+   later runs call the same CLI code in this process);
 2. ``gate_changed``: only the gate thresholds differ (min_accuracy 0.99 → rejected);
 3. ``unchanged``: the same configuration as (2) again;
 4. ``data_changed``: another ``data.split_seed`` (new split, new fingerprint).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,25 +85,33 @@ def _run_cli(config: Path, run_name: str) -> subprocess.CompletedProcess[str]:
         cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-def _run(config: Path, run_name: str, outputs: dict[str, str]) -> Any:
-    result = _run_cli(config, run_name)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    outputs[run_name] = result.stdout
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory,
+         run_in_process: Callable[..., tuple[int, str, str]]) -> dict[str, Any]:
     from zenml.client import Client
 
-    return Client().get_pipeline_run(run_name)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    tmp = tmp_path_factory.mktemp("configs")
     stdout: dict[str, str] = {}
-    out: dict[str, Any] = {"stdout": stdout, "first": _run(SMOKE, "kd-first", stdout)}
+
+    def run(config: Path, run_name: str, *, subprocess_: bool = False) -> Any:
+        args = ("--config", str(config), "--run-name", run_name)
+        if subprocess_:
+            result = _run_cli(config, run_name)
+            code, out, err = result.returncode, result.stdout, result.stderr
+        else:
+            code, out, err = run_in_process(*args)
+        assert code == 0, out[-3000:] + err[-3000:]
+        stdout[run_name] = out
+        return Client().get_pipeline_run(run_name)
+
+    tmp = tmp_path_factory.mktemp("configs")
+    # The first run goes through a real `python run_pipeline.py`; the others through the
+    # same CLI code in this process (no interpreter and ZenML start-up per run).
+    out: dict[str, Any] = {"stdout": stdout, "first": run(SMOKE, "kd-first", subprocess_=True)}
     strict_gate = _write_config(tmp, "strict_gate", gate={"min_accuracy": 0.99})
-    out["gate_changed"] = _run(strict_gate, "kd-gate-changed", stdout)
-    out["unchanged"] = _run(strict_gate, "kd-unchanged", stdout)
+    out["gate_changed"] = run(strict_gate, "kd-gate-changed")
+    out["unchanged"] = run(strict_gate, "kd-unchanged")
     new_split = _write_config(tmp, "new_split", data={"split_seed": 1}, gate={"min_accuracy": 0.99})
-    out["data_changed"] = _run(new_split, "kd-data-changed", stdout)
+    out["data_changed"] = run(new_split, "kd-data-changed")
     return out
 
 
