@@ -87,3 +87,32 @@ def test_cli_exits_2_on_missing_dataset_files_before_zenml_starts(tmp_path: Path
     assert result.returncode == 2, result.stderr
     assert "parameters.data.source: torchvision:FashionMNIST files are missing" in result.stderr
     assert not (tmp_path / "zc").exists() and not (tmp_path / "zs").exists()
+
+
+class _Payload:
+    """Unpickling this would create the marker file: proof that the payload ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - the pickle protocol
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_pickle_checkpoint_is_refused_before_any_step_and_never_runs(tmp_path: Path,
+                                                                     suffix: str) -> None:
+    import torch
+
+    marker = tmp_path / "payload-ran"
+    ckpt = tmp_path / f"teacher{suffix}"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hook": _Payload(marker)}, ckpt)
+    cfg = parse_config({"teacher": {"model": {"arch": "cnn_small", "checkpoint": str(ckpt)}}})
+    (problem,) = preflight(cfg, reachable=offline)
+    assert problem.path == "parameters.teacher.model.checkpoint"
+    assert "cannot be loaded with torch.load(weights_only=True)" in problem.message
+    assert ".safetensors" in problem.message
+    assert not marker.exists()
+    # A plain state dict passes the check.
+    torch.save({"w": torch.zeros(2)}, ckpt)
+    assert preflight(cfg, reachable=offline) == []

@@ -6,7 +6,8 @@ not a failed step after ZenML has started:
 
 - an image folder that does not exist;
 - torchvision dataset files that are missing while ``data.download`` is false;
-- a ``model.checkpoint`` that does not exist;
+- a ``model.checkpoint`` that does not exist, or a ``.pt`` that holds a pickle
+  (refused by the weights-only loader; its payload never runs);
 - pretrained weights that are neither in torch.hub's cache nor downloadable (the only
   network access, and only for weights the config asks for: a HEAD request).
 
@@ -19,6 +20,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from kdpipe.config import DataConfig, ModelConfig, PipelineConfig
 from kdpipe.models_tv import pretrained_file
@@ -65,12 +68,30 @@ def _data_problems(cfg: DataConfig, path: str) -> list[Problem]:
     return []
 
 
+def _checkpoint_problems(file: Path, path: str) -> list[Problem]:
+    """A missing file, or a ``.pt`` / ``.pth`` that ``torch.load(weights_only=True)`` refuses.
+
+    The file is memory-mapped, not read: the check costs the header, and a pickle payload
+    is refused by the weights-only unpickler without running.
+    """
+    if not file.exists():
+        return [Problem(path, f"model checkpoint not found: {file}")]
+    if file.is_file() and file.suffix in {".pt", ".pth"}:
+        try:
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # UnpicklingError, a legacy (non-zip) file, a corrupt zip
+            reason = str(err).strip().splitlines()[0]
+            return [Problem(path, f"{file} cannot be loaded with torch.load(weights_only=True) "
+                                  f"({reason}); save a plain state_dict of tensors, or better "
+                                  "a .safetensors file")]
+    return []
+
+
 def _model_problems(cfg: ModelConfig, path: str, reachable: Callable[[str], str | None]
                     ) -> list[Problem]:
     found = []
-    if cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().exists():
-        found.append(Problem(f"{path}.checkpoint", f"model checkpoint not found: "
-                                                   f"{Path(cfg.checkpoint).expanduser()}"))
+    if cfg.checkpoint is not None:
+        found += _checkpoint_problems(Path(cfg.checkpoint).expanduser(), f"{path}.checkpoint")
     if cfg.weights is not None and cfg.arch.startswith("tv_"):
         try:
             url, cached = pretrained_file(cfg.arch, cfg.weights)
