@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench lint clean fashion-data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
+
+# Fashion-MNIST's IDX files from Debian (configs/fashion.yaml finds them there, offline).
+fashion-data:
+	@test -d /usr/share/datasets/fashion-mnist || \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y dataset-fashion-mnist
 
 lint: $(STAMP)
 	$(PY) -m ruff check src steps pipelines tests benchmarks run_pipeline.py

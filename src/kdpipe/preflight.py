@@ -5,7 +5,8 @@ the run will need from outside the config, so that a missing file is exit 2 in a
 not a failed step after ZenML has started:
 
 - an image folder that does not exist;
-- torchvision dataset files that are missing while ``data.download`` is false;
+- torchvision or Fashion-MNIST dataset files that are missing while ``data.download``
+  is false;
 - a ``model.checkpoint`` that does not exist, or a ``.pt`` that holds a pickle
   (refused by the weights-only loader; its payload never runs);
 - pretrained weights that are neither in torch.hub's cache nor downloadable (the only
@@ -24,8 +25,14 @@ from pathlib import Path
 import torch
 
 from kdpipe.config import DataConfig, ModelConfig, PipelineConfig
+from kdpipe.idx import find_idx_pair
 from kdpipe.models_tv import pretrained_file
-from kdpipe.sources import TORCHVISION_NAMES, DataError, open_torchvision_split
+from kdpipe.sources import (
+    TORCHVISION_NAMES,
+    DataError,
+    fashion_mnist_dirs,
+    open_torchvision_split,
+)
 from kdpipe.validate import Problem
 
 __all__ = ["preflight", "url_reachable"]
@@ -59,6 +66,13 @@ def _data_problems(cfg: DataConfig, path: str) -> list[Problem]:
         return [Problem(f"{path}.source", f"image folder {Path(arg).expanduser()} does not "
                                           "exist or is not a folder; point data.source at "
                                           "imagefolder:<folder with one sub-folder per class>")]
+    if kind == "fashion_mnist" and not cfg.download:
+        dirs = fashion_mnist_dirs(arg, cfg.root)
+        if not any(find_idx_pair(d, "train") and find_idx_pair(d, "test") for d in dirs):
+            return [Problem(f"{path}.source", (
+                f"Fashion-MNIST IDX files not found in {', '.join(map(str, dirs))}; get them "
+                "with `apt install dataset-fashion-mnist`, or once with data.download: true, "
+                "or give the folder as fashion_mnist:<folder>"))]
     if kind == "torchvision" and arg in TORCHVISION_NAMES and not cfg.download:
         try:  # reads the files (a second for MNIST); only a download would be slow
             for train in (True, False):

@@ -1,8 +1,8 @@
-"""Where images come from: the :data:`SOURCES` registry and its four kinds of source.
+"""Where images come from: the :data:`SOURCES` registry and its five kinds of source.
 
 A source is keyed by the part of ``data.source`` before the colon (``digits``,
-``mnist5k``, ``torchvision``, ``imagefolder``; see :mod:`kdpipe.data` for what each
-reads). It yields float32 CHW images in [0, 1] with integer labels and class names, and
+``mnist5k``, ``fashion_mnist``, ``torchvision``, ``imagefolder``; see :mod:`kdpipe.data`
+for what each reads). It yields float32 CHW images in [0, 1] with integer labels and class names, and
 a content digest for the fingerprint; splitting, normalisation and loaders are
 :mod:`kdpipe.data`'s. Adding a source is one function registered here.
 """
@@ -23,10 +23,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from kdpipe.config import DataConfig
+from kdpipe.idx import IdxError, find_idx_pair, read_idx_split
 from kdpipe.registry import Registry
 
-__all__ = ["IMAGE_SUFFIXES", "SOURCES", "TORCHVISION_NAMES", "DataError", "Source",
-           "open_source", "open_torchvision_split"]
+__all__ = ["FASHION_CLASSES", "IMAGE_SUFFIXES", "SOURCES", "TORCHVISION_NAMES", "DataError",
+           "Source", "fashion_mnist_dirs", "open_source", "open_torchvision_split"]
 
 TORCHVISION_NAMES = ("CIFAR10", "CIFAR100", "FashionMNIST", "MNIST")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -195,6 +196,51 @@ def _torchvision_arrays(name: str, root: str, download: bool) -> _ArraySource:
     n_train, n_test = len(labels[0]), len(labels[1])
     return _ArraySource(np.concatenate(images), np.concatenate(labels), parts[0].classes,
                         scale=255.0, fixed_test=np.arange(n_train, n_train + n_test))
+
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist_dirs(arg: str, root: str) -> list[Path]:
+    """Where ``fashion_mnist[:<dir>]`` looks for the IDX files, in order."""
+    if arg:
+        return [Path(arg).expanduser()]
+    base = Path(root).expanduser()
+    return [base / "FashionMNIST" / "raw", base / "fashion-mnist", base, DEBIAN_FASHION_DIR]
+
+
+@lru_cache(maxsize=2)
+def _fashion_arrays(directory: Path) -> _ArraySource:
+    (x_train, y_train), (x_test, y_test) = (read_idx_split(directory, s) for s in ("train", "test"))
+    try:
+        return _ArraySource(np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test]),
+                            FASHION_CLASSES, scale=255.0,
+                            fixed_test=np.arange(len(y_train), len(y_train) + len(y_test)))
+    except ValueError as err:  # train and test images of different sizes
+        raise DataError(f"the Fashion-MNIST files in {directory} do not fit together: {err}") from None
+
+
+@SOURCES.register("fashion_mnist")
+def _fashion_mnist(arg: str, cfg: DataConfig, channels: int | None) -> Source:
+    """Fashion-MNIST from local IDX files (the official split: 60,000 train, 10,000 test)."""
+    _only_imagefolder_options(cfg)
+    dirs = fashion_mnist_dirs(arg, cfg.root)
+    if not arg and cfg.download and not any(find_idx_pair(d, "train") for d in dirs):
+        open_torchvision_split("FashionMNIST", str(dirs[0].parents[1]), True, True)
+    for d in dirs:
+        if find_idx_pair(d, "train") and find_idx_pair(d, "test"):
+            try:
+                return _fashion_arrays(d)
+            except IdxError as err:
+                raise DataError(str(err)) from None
+    raise DataError(
+        "Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz] and the other three) not found "
+        f"in {', '.join(str(d) for d in dirs)}. Get them with `apt install "
+        "dataset-fashion-mnist` (Debian, installs them offline-ready under "
+        f"{DEBIAN_FASHION_DIR}), or once with data.download: true (torchvision's download "
+        "into data.root), or point data.source at fashion_mnist:<folder with the files>")
 
 
 @SOURCES.register("torchvision")

@@ -208,7 +208,7 @@ def _try_meta(cfg: ModelConfig, channels: int, found: list[Problem], path: str
 
 def _input_channels(cfg: DataConfig) -> int:
     kind, _, arg = cfg.source.partition(":")
-    if kind in ("digits", "mnist5k") or arg in ("MNIST", "FashionMNIST"):
+    if kind in ("digits", "mnist5k", "fashion_mnist") or arg in ("MNIST", "FashionMNIST"):
         return 1
     return 1 if cfg.grayscale else 3
 
