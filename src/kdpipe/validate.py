@@ -34,6 +34,7 @@ from kdpipe.optim import OPTIMIZERS, SCHEDULERS
 from kdpipe.prune import IMPORTANCES
 from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES
+from kdpipe.student_init import layer_mapping_problem
 
 __all__ = ["ConfigProblems", "Problem", "as_model_config", "find_problems", "meta_model",
            "validate", "validate_parts"]
@@ -100,6 +101,7 @@ def find_problems(config: PipelineConfig, *, prefix: str = "parameters") -> list
         found += _model_problems(section.model, path)
         models[role] = _try_meta(section.model, channels, found, path)
         found += _train_problems(section.train, f"{prefix}{role}.train", config.data)
+    found += _student_init_problems(config, models, prefix)
     found += _distill_problems(config, models, prefix)
     found += _prune_problems(config, models["student"], prefix)
     return found
@@ -223,6 +225,22 @@ def _layer_problem(model: nn.Module, layer: str, path: str, role: str) -> list[P
 
 
 # ---------------------------------------------------------------- distill, prune
+def _student_init_problems(config: PipelineConfig, models: dict[str, nn.Module | None],
+                           prefix: str) -> list[Problem]:
+    student, path = config.student, f"{prefix}student.init"
+    teacher_arch = config.teacher.model.arch
+    if student.init == "teacher_pruned" and student.model.arch != teacher_arch:
+        return [Problem(path, f"teacher_pruned prunes the teacher itself: set "
+                              f"student.model.arch to the teacher's {teacher_arch!r} (got "
+                              f"{student.model.arch!r}), or use init: teacher_layers / scratch")]
+    if student.init == "teacher_layers" and None not in (models["teacher"], models["student"]):
+        problem = layer_mapping_problem(models["teacher"], models["student"])
+        if problem is not None:
+            return [Problem(path, problem)]
+    return []
+
+
+
 def _distill_problems(config: PipelineConfig, models: dict[str, nn.Module | None],
                       prefix: str) -> list[Problem]:
     cfg, path = config.distill, f"{prefix}distill"
