@@ -95,6 +95,19 @@ class ModelConfig(_Frozen):
     """torchvision pretrained weights, e.g. ``DEFAULT`` (needs the internet once)."""
     checkpoint: str | None = None
     """Local weights to start from: a kdpipe bundle directory or a .safetensors/.pt file."""
+    checkpoint_key: str | None = None
+    """Where the state dict sits in a .pt/.pth checkpoint. ``None``: the file itself when it
+    is a dict of tensors, else the first of ``state_dict``, ``model``, ``model_state_dict``,
+    ``ema`` that holds one. Name another key (e.g. ``state_dict_ema``) to pick it."""
+    strip_prefix: str | None = None
+    """A prefix removed from the checkpoint's keys, e.g. ``module.`` (DataParallel / DDP)
+    or ``model.`` (a Lightning module's attribute); keys without it are kept as they are."""
+    key_map: dict[str, str] = Field(default_factory=dict)
+    """Prefix renames ``old: new`` applied after ``strip_prefix`` (the longest matching
+    ``old`` wins; ``"": "backbone."`` prefixes every key), e.g. ``{"head.": "fc."}``."""
+    reset_classifier: bool = False
+    """Load everything but the classifier and keep the freshly initialised head: for a
+    checkpoint trained on another number of classes."""
 
 
 # ------------------------------------------------------------------------ training
