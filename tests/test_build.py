@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kdpipe.build import STATE_DICT_KEYS, build_model
+from kdpipe.build import build_model, load_state_dict_checked
 from kdpipe.bundle import Bundle, save_bundle
 from kdpipe.config import ModelConfig
 from kdpipe.configfile import parse_config
 from kdpipe.models import WeightsUnavailableError, create_model
+from kdpipe.state_dicts import STATE_DICT_KEYS
 from kdpipe.validate import find_problems
 
 
@@ -164,7 +165,7 @@ def _lightning_checkpoint(model: nn.Module, path) -> None:
 
 def test_lightning_checkpoint_loads_with_strip_prefix_model(tmp_path):
     source = _trained_like("cnn_small", 10)
-    path = tmp_path / "epoch=3-step=120.pth"
+    path = tmp_path / "epoch=3-step=120.ckpt"
     _lightning_checkpoint(source, path)
     with pytest.raises(ValueError, match=r"set model.strip_prefix: 'model\.'$") as err:
         build_model(ModelConfig(arch="cnn_small", checkpoint=str(path)), 10, 1)
@@ -223,7 +224,7 @@ def test_checkpoint_key_on_a_safetensors_file_is_an_error(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(create_model("cnn_tiny", 10, 1).state_dict(), str(path))
     with pytest.raises(ValueError, match=(
-        r"checkpoint_key='model' only applies to .pt/.pth files, but .*w.safetensors is a "
+        r"checkpoint_key='model' only applies to .pt/.pth/.ckpt files, but .*w.safetensors is a "
         r".safetensors file holding one flat state dict; remove checkpoint_key"
     )):
         build_model(ModelConfig(arch="cnn_tiny", checkpoint=str(path), checkpoint_key="model"), 10, 1)
@@ -311,7 +312,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt"])
 def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, suffix):
     marker = tmp_path / "payload_ran"
     path = tmp_path / f"malicious{suffix}"
@@ -325,7 +326,7 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, suffix):
     assert marker.exists()
     marker.unlink()
     refused = (
-        rf"malicious\{suffix} holds a pickled _?io\.open, and kdpipe loads \.pt/\.pth files "
+        rf"malicious\{suffix} holds a pickled _?io\.open, and kdpipe loads \.pt/\.pth/\.ckpt files "
         r"with torch.load\(weights_only=True\) only \(a pickle can run any code\); save a plain "
         r"state dict, torch.save\(model.state_dict\(\), path\), or better a .safetensors file, "
         r"safetensors.torch.save_file\(model.state_dict\(\), path\)$"
@@ -381,3 +382,12 @@ def test_a_renamed_checkpoint_for_other_classes_gets_both_fixes_at_once(tmp_path
     cfg = ModelConfig(arch="cnn_small", checkpoint=str(path), strip_prefix="module.",
                       reset_classifier=True)
     assert build_model(cfg, 3, 1).fc.out_features == 3
+
+
+def test_reset_classifier_without_a_linear_head_says_so():
+    conv_head = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match=(
+        r"model.reset_classifier: Sequential has no nn.Linear classifier, so there is no head "
+        r"to reset; remove reset_classifier"
+    )):
+        load_state_dict_checked(conv_head, conv_head.state_dict(), reset_classifier=True)
