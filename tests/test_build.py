@@ -224,7 +224,7 @@ def test_checkpoint_key_on_a_safetensors_file_is_an_error(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(create_model("cnn_tiny", 10, 1).state_dict(), str(path))
     with pytest.raises(ValueError, match=(
-        r"checkpoint_key='model' only applies to .pt/.pth/.ckpt files, but .*w.safetensors is a "
+        r"checkpoint_key='model' only applies to torch.save files, but .*w.safetensors is a "
         r".safetensors file holding one flat state dict; remove checkpoint_key"
     )):
         build_model(ModelConfig(arch="cnn_tiny", checkpoint=str(path), checkpoint_key="model"), 10, 1)
@@ -312,7 +312,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt"])
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt", ".pth.tar", ".bin"])
 def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, suffix):
     marker = tmp_path / "payload_ran"
     path = tmp_path / f"malicious{suffix}"
@@ -326,7 +326,7 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, suffix):
     assert marker.exists()
     marker.unlink()
     refused = (
-        rf"malicious\{suffix} holds a pickled _?io\.open, and kdpipe loads \.pt/\.pth/\.ckpt files "
+        rf"malicious\{suffix} holds a pickled _?io\.open, and kdpipe loads torch.save files "
         r"with torch.load\(weights_only=True\) only \(a pickle can run any code\); save a plain "
         r"state dict, torch.save\(model.state_dict\(\), path\), or better a .safetensors file, "
         r"safetensors.torch.save_file\(model.state_dict\(\), path\)$"
@@ -345,6 +345,13 @@ def test_a_truncated_pt_file_says_it_cannot_be_read(tmp_path):
         ValueError, match=r"cut.pt cannot be read by torch.load \(.*\); is it a complete file"
     ):
         build_model(ModelConfig(arch="cnn_tiny", checkpoint=str(path)), 10, 1)
+    onnx = tmp_path / "student.onnx"
+    onnx.write_bytes(b"onnx")
+    with pytest.raises(ValueError, match=(
+        r"unsupported checkpoint .*student.onnx: use a .safetensors file, a torch.save file "
+        r"\(.pt, .pth, .ckpt, .pth.tar, .bin\) or a kdpipe bundle directory"
+    )):
+        build_model(ModelConfig(arch="cnn_tiny", checkpoint=str(onnx)), 10, 1)
 
 
 @pytest.mark.parametrize(("model", "key", "message"), [
@@ -391,3 +398,21 @@ def test_reset_classifier_without_a_linear_head_says_so():
         r"to reset; remove reset_classifier"
     )):
         load_state_dict_checked(conv_head, conv_head.state_dict(), reset_classifier=True)
+
+
+def test_timm_training_checkpoint_with_argparse_args_and_ema(tmp_path):
+    """What timm's CheckpointSaver writes: argparse args, optimizer, weights and EMA weights."""
+    import argparse
+
+    plain, ema = _trained_like("cnn_tiny", 10), create_model("cnn_tiny", 10, 1)
+    path = tmp_path / "model_best.pth.tar"
+    args = argparse.Namespace(model="cnn_tiny", lr=0.05, sched="cosine", aa=None, epochs=[1, 2])
+    torch.save({
+        "epoch": 41, "arch": "cnn_tiny", "version": 2, "args": args, "metric": 71.3,
+        "optimizer": torch.optim.SGD(plain.parameters(), lr=0.05).state_dict(),
+        "state_dict": plain.state_dict(), "state_dict_ema": ema.state_dict(),
+    }, path)
+    loaded = build_model(ModelConfig(arch="cnn_tiny", checkpoint=str(path)), 10, 1)
+    assert _same_outputs(loaded, plain)
+    cfg = ModelConfig(arch="cnn_tiny", checkpoint=str(path), checkpoint_key="state_dict_ema")
+    assert _same_outputs(build_model(cfg, 10, 1), ema)

@@ -3,8 +3,8 @@
 :func:`build_model` turns a :class:`~kdpipe.config.ModelConfig` into a module: it builds
 the architecture with :func:`kdpipe.models.create_model` (torchvision weights included)
 and loads ``model.checkpoint`` on top, read and renamed by :mod:`kdpipe.state_dicts`
-(``checkpoint_key``, ``strip_prefix``, ``key_map``; ``.safetensors`` / ``.pt`` / ``.pth``
-/ ``.ckpt`` files and kdpipe bundles). :func:`load_state_dict_checked` loads strictly,
+(``checkpoint_key``, ``strip_prefix``, ``key_map``; ``.safetensors`` and ``torch.save``
+files, kdpipe bundles). :func:`load_state_dict_checked` loads strictly,
 keeping a fresh classifier with ``reset_classifier``; a mismatch names the first missing,
 unexpected and reshaped keys and the option that would fix it, never guessing on its own.
 It sits above both :mod:`kdpipe.models` and :mod:`kdpipe.bundle`, so neither of those
@@ -163,7 +163,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Modu
     """Build the model a :class:`~kdpipe.config.ModelConfig` describes.
 
     Applies ``cfg.weights`` (torchvision pretrained weights) or ``cfg.checkpoint`` (a
-    ``.safetensors``/``.pt``/``.pth``/``.ckpt`` file or a kdpipe bundle directory, read through
+    ``.safetensors`` / ``torch.save`` file or a kdpipe bundle directory, read through
     ``checkpoint_key``, renamed by ``strip_prefix`` / ``key_map``, its classifier kept
     fresh with ``reset_classifier``) on top of :func:`create_model`.
 

@@ -94,11 +94,12 @@ class ModelConfig(_Frozen):
     weights: str | None = None
     """torchvision pretrained weights, e.g. ``DEFAULT`` (needs the internet once)."""
     checkpoint: str | None = None
-    """Local weights to start from: a kdpipe bundle directory or a .safetensors, .pt, .pth or
-    .ckpt (Lightning) file; torch files are read with ``weights_only=True``, never unpickled."""
+    """Local weights to start from: a kdpipe bundle directory, a .safetensors file or a
+    torch.save file (.pt, .pth, Lightning .ckpt, timm .pth.tar, .bin), read with
+    ``weights_only=True`` (never unpickled)."""
     checkpoint_key: str | None = None
-    """Where the state dict sits in a .pt/.pth/.ckpt checkpoint. ``None``: the file itself when it
-    is a dict of tensors, else the first of ``state_dict``, ``model``, ``model_state_dict``,
+    """Where the state dict sits in a torch.save checkpoint. ``None``: the file itself when
+    it is a dict of tensors, else the first of ``state_dict``, ``model``, ``model_state_dict``,
     ``ema`` that holds one. Name another key (e.g. ``state_dict_ema``) to pick it."""
     strip_prefix: str | None = None
     """A prefix removed from the checkpoint's keys, e.g. ``module.`` (DataParallel / DDP)

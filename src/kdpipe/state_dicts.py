@@ -1,9 +1,9 @@
 """Weights files as people have them, read into a state dict with declared options.
 
 :func:`load_checkpoint_state_dict` reads a ``.safetensors`` file, a ``torch.save`` file
-(``.pt`` / ``.pth`` / Lightning's ``.ckpt``) or a kdpipe bundle directory. A torch file may
-be a plain state dict or a dict holding one under a common entry (:data:`STATE_DICT_KEYS`,
-or the ``checkpoint_key`` named) next to epochs, optimizer states and hyper-parameters.
+(:data:`TORCH_SUFFIXES`) or a kdpipe bundle directory. A torch file may be a plain state
+dict or a dict holding one under a common entry (:data:`STATE_DICT_KEYS`, or the
+``checkpoint_key`` named) next to epochs, optimizer states and hyper-parameters.
 :func:`remap_keys` then applies ``strip_prefix`` and ``key_map`` (DataParallel's
 ``module.``, a Lightning module's ``model.``, renamed layers).
 
@@ -15,6 +15,7 @@ model.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 import re
@@ -40,8 +41,14 @@ logger = logging.getLogger(__name__)
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "ema")
 """Where a torch file's weights are looked for when ``checkpoint_key`` is unset."""
 
-TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
-"""``torch.save`` files (``.ckpt``: PyTorch Lightning's), read with ``weights_only=True``."""
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".pth.tar", ".bin")
+"""``torch.save`` files, read with ``weights_only=True`` (``.ckpt``: PyTorch Lightning's,
+``.pth.tar``: timm's train.py's, ``.bin``: Hugging Face's ``pytorch_model.bin``)."""
+
+# Classes a weights-only load may rebuild besides tensors and plain values: plain attribute
+# bags whose rebuilding runs no code of theirs. timm's train.py saves its argparse arguments
+# next to the weights, so without this every timm training checkpoint would be refused.
+_SAFE_GLOBALS = [argparse.Namespace]
 
 SHOWN_KEYS = 5
 """How many keys an error message lists."""
@@ -56,7 +63,7 @@ def first_keys(keys: list[str], n: int = SHOWN_KEYS) -> list[str]:
 def load_checkpoint_state_dict(
     path: str | Path, key: str | None = None
 ) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Read weights from a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.ckpt`` file or a bundle.
+    """Read weights from a ``.safetensors`` file, a ``torch.save`` file or a kdpipe bundle.
 
     Args:
         path: the file or bundle directory.
@@ -78,14 +85,14 @@ def load_checkpoint_state_dict(
     if not p.exists():
         raise FileNotFoundError(
             f"model checkpoint not found: {p} (set model.checkpoint to an existing "
-            ".safetensors/.pt/.pth/.ckpt file or kdpipe bundle directory)"
+            ".safetensors / torch.save file or kdpipe bundle directory)"
         )
-    if p.suffix in TORCH_SUFFIXES and not p.is_dir():
+    if p.name.endswith(TORCH_SUFFIXES) and not p.is_dir():
         return _select_state_dict(_load_weights_only(p), key, p), None
     if p.is_dir() or p.suffix == ".safetensors":
         if key is not None:
             raise ValueError(
-                f"model.checkpoint_key={key!r} only applies to .pt/.pth/.ckpt files, but {p} is "
+                f"model.checkpoint_key={key!r} only applies to torch.save files, but {p} is "
                 f"{'a kdpipe bundle' if p.is_dir() else 'a .safetensors file'} holding one "
                 "flat state dict; remove checkpoint_key (strip_prefix / key_map rename keys)"
             )
@@ -96,20 +103,21 @@ def load_checkpoint_state_dict(
 
         return load_file(str(p)), None
     raise ValueError(
-        f"unsupported checkpoint {p}: use a .safetensors, .pt, .pth or .ckpt file or a kdpipe "
-        "bundle directory"
+        f"unsupported checkpoint {p}: use a .safetensors file, a torch.save file "
+        f"({', '.join(TORCH_SUFFIXES)}) or a kdpipe bundle directory"
     )
 
 
 def _load_weights_only(p: Path) -> Any:
     """``torch.load(weights_only=True)``, its refusals re-worded with the fix."""
+    torch.serialization.add_safe_globals(_SAFE_GLOBALS)  # idempotent; torch>=2.4
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # a pickled object: refused before it ran
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
         raise ValueError(
-            f"{p} holds {what}, and kdpipe loads .pt/.pth/.ckpt files with "
+            f"{p} holds {what}, and kdpipe loads torch.save files with "
             "torch.load(weights_only=True) only (a pickle can run any code); save a plain "
             "state dict, torch.save(model.state_dict(), path), or better a .safetensors "
             "file, safetensors.torch.save_file(model.state_dict(), path)"
