@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kdpipe.build import build_model, load_state_dict_checked
+from kdpipe.build import build_model, check_checkpoint, load_state_dict_checked
 from kdpipe.bundle import Bundle, save_bundle
 from kdpipe.config import ModelConfig
 from kdpipe.configfile import parse_config
@@ -416,3 +416,19 @@ def test_timm_training_checkpoint_with_argparse_args_and_ema(tmp_path):
     assert _same_outputs(loaded, plain)
     cfg = ModelConfig(arch="cnn_tiny", checkpoint=str(path), checkpoint_key="state_dict_ema")
     assert _same_outputs(build_model(cfg, 10, 1), ema)
+
+
+def test_check_checkpoint_raises_what_build_model_would_on_the_meta_device(tmp_path):
+    source = create_model("tv_resnet18", 10, 3)
+    path = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    cfg = ModelConfig(arch="tv_resnet18", checkpoint=str(path))
+    with pytest.raises(ValueError) as built:
+        build_model(cfg, 5, 3)
+    with pytest.raises(ValueError) as checked:
+        check_checkpoint(cfg, 5, 3)
+    assert str(checked.value) == str(built.value)
+    assert "set model.strip_prefix: 'module.'; the checkpoint has a classifier for 10" in str(built.value)
+    fixed = cfg.model_copy(update={"strip_prefix": "module.", "reset_classifier": True})
+    assert check_checkpoint(fixed, 5, 3) is None
+    assert check_checkpoint(ModelConfig(arch="tv_resnet18"), 5, 3) is None

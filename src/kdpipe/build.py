@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 # load_checkpoint_state_dict lives in kdpipe.state_dicts; re-exported for the callers that
 # read a checkpoint file without building a model.
-__all__ = ["build_model", "load_checkpoint_state_dict", "load_state_dict_checked"]
+__all__ = ["build_model", "check_checkpoint", "load_checkpoint_state_dict",
+           "load_state_dict_checked"]
 
 
 def load_state_dict_checked(
@@ -53,6 +54,13 @@ def load_state_dict_checked(
             ``strip_prefix`` / ``key_map`` for renamed keys, ``reset_classifier`` for a
             classifier trained on another class count.
     """
+    model.load_state_dict(_matched(model, state_dict, source, reset_classifier), strict=True)
+
+
+def _matched(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, reset_classifier: bool
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` as ``model`` will load it, or the mismatch error (see above)."""
     sd = dict(state_dict)
     if reset_classifier:
         try:
@@ -80,7 +88,7 @@ def load_state_dict_checked(
             f"{source} does not match {type(model).__name__}: {'; '.join(parts)}; "
             + "; ".join(fixes)
         )
-    model.load_state_dict(sd, strict=True)
+    return sd
 
 
 def _suggested_fixes(
@@ -181,13 +189,34 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Modu
         )
     model = create_model(cfg.arch, num_classes, in_channels, weights=cfg.weights, **cfg.kwargs)
     if cfg.checkpoint is not None:
-        source = f"checkpoint {cfg.checkpoint}"
-        state_dict, bundle_arch = load_checkpoint_state_dict(cfg.checkpoint, cfg.checkpoint_key)
-        if bundle_arch is not None and bundle_arch != cfg.arch:
-            raise ValueError(
-                f"checkpoint bundle {cfg.checkpoint} holds a {bundle_arch!r} model but "
-                f"model.arch is {cfg.arch!r}; make them agree"
-            )
-        state_dict = remap_keys(state_dict, cfg.strip_prefix, cfg.key_map, source)
+        state_dict, source = _read_checkpoint(cfg)
         load_state_dict_checked(model, state_dict, source, cfg.reset_classifier)
     return model
+
+
+def check_checkpoint(cfg: ModelConfig, num_classes: int, in_channels: int) -> None:
+    """Raise what :func:`build_model` would raise for ``cfg.checkpoint``, without weights.
+
+    The file is read, but the model is built on the ``meta`` device (no memory, no
+    download): a pipeline can check the student's start checkpoint before the teacher
+    trains. Does nothing when ``cfg.checkpoint`` is unset.
+    """
+    if cfg.checkpoint is None:
+        return
+    with torch.device("meta"):
+        model = create_model(cfg.arch, num_classes, in_channels, **cfg.kwargs)
+    state_dict, source = _read_checkpoint(cfg)
+    _matched(model, state_dict, source, cfg.reset_classifier)
+
+
+def _read_checkpoint(cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """``cfg.checkpoint``'s tensors under the model's names, and how messages name it."""
+    assert cfg.checkpoint is not None
+    source = f"checkpoint {cfg.checkpoint}"
+    state_dict, bundle_arch = load_checkpoint_state_dict(cfg.checkpoint, cfg.checkpoint_key)
+    if bundle_arch is not None and bundle_arch != cfg.arch:
+        raise ValueError(
+            f"checkpoint bundle {cfg.checkpoint} holds a {bundle_arch!r} model but "
+            f"model.arch is {cfg.arch!r}; make them agree"
+        )
+    return remap_keys(state_dict, cfg.strip_prefix, cfg.key_map, source), source
