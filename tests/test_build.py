@@ -240,6 +240,15 @@ def test_key_map_renames_prefixes_and_is_suggested(tmp_path):
         ValueError, match=r"the keys look renamed: set model.key_map: \{'backbone\.': 'features\.'\}"
     ):
         build_model(ModelConfig(arch="cnn_small", checkpoint=str(path)), 10, 1)
+    # The head keeps its name: a class-count change is named with the rename.
+    kept_head = {k.replace("features.", "backbone."): v for k, v in source.state_dict().items()}
+    save_file(kept_head, str(path))
+    with pytest.raises(ValueError, match=(
+        r"set model.key_map: \{'backbone\.': 'features\.'\}; the checkpoint has a classifier "
+        r"for 10 classes but the model was built for num_classes=4"
+    )):
+        build_model(ModelConfig(arch="cnn_small", checkpoint=str(path)), 4, 1)
+    save_file(renamed, str(path))
     key_map = {"backbone.": "features.", "head.": "fc."}
     loaded = build_model(ModelConfig(arch="cnn_small", checkpoint=str(path), key_map=key_map), 10, 1)
     assert _same_outputs(loaded, source)

@@ -108,7 +108,7 @@ def _suggested_fixes(
                   else f"model.key_map: {{{old!r}: {new!r}}}")
         fixes.append(f"the keys look renamed: set {option}")
         # Judge the shapes as they will be once renamed, so both fixes are named at once.
-        sd = {new + k[len(old):]: v for k, v in sd.items() if k.startswith(old)}
+        sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
         reshaped = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
     try:
         head_name, head = named_classifier(model)

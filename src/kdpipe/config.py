@@ -102,8 +102,9 @@ class ModelConfig(_Frozen):
     it is a dict of tensors, else the first of ``state_dict``, ``model``, ``model_state_dict``,
     ``ema`` that holds one. Name another key (e.g. ``state_dict_ema``) to pick it."""
     strip_prefix: str | None = None
-    """A prefix removed from the checkpoint's keys, e.g. ``module.`` (DataParallel / DDP)
-    or ``model.`` (a Lightning module's attribute); keys without it are kept as they are."""
+    """Load only the checkpoint's keys under this prefix, with it removed: ``module.``
+    (DataParallel / DDP), ``model.`` (a Lightning module's ``self.model``, leaving out e.g.
+    a loss module's buffers)."""
     key_map: dict[str, str] = Field(default_factory=dict)
     """Prefix renames ``old: new`` applied after ``strip_prefix`` (the longest matching
     ``old`` wins; ``"": "backbone."`` prefixes every key), e.g. ``{"head.": "fc."}``."""
