@@ -14,7 +14,7 @@ from kdpipe.bundle import Bundle, save_bundle
 from kdpipe.config import ModelConfig
 from kdpipe.configfile import parse_config
 from kdpipe.models import WeightsUnavailableError, create_model
-from kdpipe.state_dicts import STATE_DICT_KEYS
+from kdpipe.state_dicts import STATE_DICT_KEYS, load_weights_only
 from kdpipe.validate import find_problems
 
 
@@ -441,3 +441,14 @@ def test_check_checkpoint_raises_what_build_model_would_on_the_meta_device(tmp_p
     fixed = cfg.model_copy(update={"strip_prefix": "module.", "reset_classifier": True})
     assert check_checkpoint(fixed, 5, 3) is None
     assert check_checkpoint(ModelConfig(arch="tv_resnet18"), 5, 3) is None
+
+
+def test_load_weights_only_memory_mapped_refuses_the_payload_too(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.zeros(3), "x": _Payload(marker)}, path)
+    with pytest.raises(ValueError, match=r"m.pt holds a pickled _?io\.open"):
+        load_weights_only(path, mmap=True)
+    assert not marker.exists()
+    torch.save({"w": torch.arange(3.0)}, path)
+    assert torch.equal(load_weights_only(path, mmap=True)["w"], torch.arange(3.0))

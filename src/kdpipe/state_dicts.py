@@ -33,6 +33,7 @@ __all__ = [
     "TORCH_SUFFIXES",
     "first_keys",
     "load_checkpoint_state_dict",
+    "load_weights_only",
     "remap_keys",
 ]
 
@@ -88,7 +89,7 @@ def load_checkpoint_state_dict(
             ".safetensors / torch.save file or kdpipe bundle directory)"
         )
     if p.name.endswith(TORCH_SUFFIXES) and not p.is_dir():
-        return _select_state_dict(_load_weights_only(p), key, p), None
+        return _select_state_dict(load_weights_only(p), key, p), None
     if p.is_dir() or p.suffix == ".safetensors":
         if key is not None:
             raise ValueError(
@@ -108,11 +109,20 @@ def load_checkpoint_state_dict(
     )
 
 
-def _load_weights_only(p: Path) -> Any:
-    """``torch.load(weights_only=True)``, its refusals re-worded with the fix."""
+def load_weights_only(p: Path, *, mmap: bool = False) -> Any:
+    """``torch.load(p, weights_only=True)`` (plus ``argparse.Namespace``), refusals re-worded.
+
+    Args:
+        p: a ``torch.save`` file.
+        mmap: memory-map the file instead of reading it (a cheap check of a large file).
+
+    Raises:
+        ValueError: the file holds a pickled object (named; it never ran) or cannot be
+            read, with how to re-save the weights.
+    """
     torch.serialization.add_safe_globals(_SAFE_GLOBALS)  # idempotent; torch>=2.4
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:  # a pickled object: refused before it ran
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
