@@ -100,7 +100,7 @@ def _present_paths(data: Any, prefix: str = "") -> set[str]:
         return {prefix.rstrip(".")}
     paths = set()
     for key, value in data.items():
-        if isinstance(value, dict) and key != "kwargs":
+        if isinstance(value, dict) and value and key != "kwargs":  # {} is a leaf (key_map)
             paths |= _present_paths(value, f"{prefix}{key}.")
         else:
             paths.add(f"{prefix}{key}")

@@ -94,7 +94,23 @@ class ModelConfig(_Frozen):
     weights: str | None = None
     """torchvision pretrained weights, e.g. ``DEFAULT`` (needs the internet once)."""
     checkpoint: str | None = None
-    """Local weights to start from: a kdpipe bundle directory or a .safetensors/.pt file."""
+    """Local weights to start from: a kdpipe bundle directory, a .safetensors file or a
+    torch.save file (.pt, .pth, Lightning .ckpt, timm .pth.tar, .bin), read with
+    ``weights_only=True`` (never unpickled)."""
+    checkpoint_key: str | None = None
+    """Where the state dict sits in a torch.save checkpoint. ``None``: the file itself when
+    it is a dict of tensors, else the first of ``state_dict``, ``model``, ``model_state_dict``,
+    ``ema`` that holds one. Name another key (e.g. ``state_dict_ema``) to pick it."""
+    strip_prefix: str | None = None
+    """Load only the checkpoint's keys under this prefix, with it removed: ``module.``
+    (DataParallel / DDP), ``model.`` (a Lightning module's ``self.model``, leaving out e.g.
+    a loss module's buffers)."""
+    key_map: dict[str, str] = Field(default_factory=dict)
+    """Prefix renames ``old: new`` applied after ``strip_prefix`` (the longest matching
+    ``old`` wins; ``"": "backbone."`` prefixes every key), e.g. ``{"head.": "fc."}``."""
+    reset_classifier: bool = False
+    """Load everything but the classifier and keep the freshly initialised head: for a
+    checkpoint trained on another number of classes."""
 
 
 # ------------------------------------------------------------------------ training

@@ -154,7 +154,8 @@ def _train_problems(cfg: TrainConfig, path: str, data: DataConfig) -> list[Probl
 def _model_problems(cfg: ModelConfig, path: str) -> list[Problem]:
     found = _name_problem(MODELS, cfg.arch, f"{path}.arch")
     if found:
-        return found
+        return found + _checkpoint_problems(cfg, path)
+    found += _checkpoint_problems(cfg, path)
     factory = MODELS.get(cfg.arch)
     params, options = inspect.signature(factory).parameters, _options(factory)
     unknown = sorted(set(cfg.kwargs) - set(options))
@@ -175,6 +176,23 @@ def _model_problems(cfg: ModelConfig, path: str) -> list[Problem]:
         found.append(Problem(f"{path}.weights",
                              f"{cfg.arch!r} has no pretrained weights; use one of "
                              f"{', '.join(MODELS.names('tv_*'))}, or model.checkpoint"))
+    return found
+
+
+def _checkpoint_problems(cfg: ModelConfig, path: str) -> list[Problem]:
+    """The checkpoint-loading options that cannot apply (kdpipe.build reads the file)."""
+    if cfg.checkpoint is None:
+        return [Problem(f"{path}.{name}", f"{name} only applies when loading model.checkpoint; "
+                                          f"set checkpoint or remove {name}")
+                for name in ("checkpoint_key", "strip_prefix", "key_map", "reset_classifier")
+                if getattr(cfg, name)]
+    found = []
+    if cfg.checkpoint_key is not None and cfg.checkpoint.endswith(".safetensors"):
+        found.append(Problem(f"{path}.checkpoint_key", "a .safetensors file holds one flat state "
+                             "dict; remove checkpoint_key (strip_prefix / key_map rename keys)"))
+    if cfg.strip_prefix == "":
+        found.append(Problem(f"{path}.strip_prefix", "an empty prefix strips nothing; set the "
+                             "prefix to remove (e.g. 'module.') or null"))
     return found
 
 
