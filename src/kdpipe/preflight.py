@@ -22,8 +22,6 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from kdpipe.config import DataConfig, ModelConfig, PipelineConfig
 from kdpipe.idx import find_idx_pair
 from kdpipe.models_tv import pretrained_file
@@ -33,6 +31,7 @@ from kdpipe.sources import (
     fashion_mnist_dirs,
     open_torchvision_split,
 )
+from kdpipe.state_dicts import TORCH_SUFFIXES, load_weights_only
 from kdpipe.validate import Problem
 
 __all__ = ["preflight", "url_reachable"]
@@ -83,21 +82,19 @@ def _data_problems(cfg: DataConfig, path: str) -> list[Problem]:
 
 
 def _checkpoint_problems(file: Path, path: str) -> list[Problem]:
-    """A missing file, or a ``.pt`` / ``.pth`` that ``torch.load(weights_only=True)`` refuses.
+    """A missing file, or a ``torch.save`` file the weights-only loader refuses.
 
     The file is memory-mapped, not read: the check costs the header, and a pickle payload
-    is refused by the weights-only unpickler without running.
+    is refused by the weights-only unpickler without running (the loader and its messages
+    are :mod:`kdpipe.state_dicts`', the same the training step uses).
     """
     if not file.exists():
         return [Problem(path, f"model checkpoint not found: {file}")]
-    if file.is_file() and file.suffix in {".pt", ".pth"}:
+    if file.is_file() and file.name.endswith(TORCH_SUFFIXES):
         try:
-            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # UnpicklingError, a legacy (non-zip) file, a corrupt zip
-            reason = str(err).strip().splitlines()[0]
-            return [Problem(path, f"{file} cannot be loaded with torch.load(weights_only=True) "
-                                  f"({reason}); save a plain state_dict of tensors, or better "
-                                  "a .safetensors file")]
+            load_weights_only(file, mmap=True)
+        except ValueError as err:
+            return [Problem(path, str(err))]
     return []
 
 
