@@ -113,6 +113,24 @@ def test_pickle_checkpoint_is_refused_before_any_step_and_never_runs(tmp_path: P
     assert "holds a pickled" in problem.message and "weights_only=True" in problem.message
     assert ".safetensors" in problem.message
     assert not marker.exists()
-    # A plain state dict passes the check.
-    torch.save({"w": torch.zeros(2)}, ckpt)
+    # The model's own plain state dict passes the check.
+    from kdpipe.models import create_model
+
+    torch.save(create_model("cnn_small", 10, 1).state_dict(), ckpt)
+    assert preflight(cfg, reachable=offline) == []
+
+
+def test_a_start_checkpoint_that_does_not_fit_fails_before_the_teacher_trains(
+        tmp_path: Path) -> None:
+    import torch
+
+    from kdpipe.models import create_model
+
+    ckpt = tmp_path / "student.pt"
+    torch.save(create_model("cnn_tiny", 10, 1).state_dict(), ckpt)  # not the student's arch
+    cfg = parse_config({"student": {"model": {"arch": "cnn_small", "checkpoint": str(ckpt)}}})
+    (problem,) = preflight(cfg, reachable=offline)
+    assert problem.path == "parameters.student.model.checkpoint"
+    assert "does not match" in problem.message or "shape" in problem.message
+    torch.save(create_model("cnn_small", 10, 1).state_dict(), ckpt)
     assert preflight(cfg, reachable=offline) == []

@@ -7,8 +7,9 @@ not a failed step after ZenML has started:
 - an image folder that does not exist;
 - torchvision or Fashion-MNIST dataset files that are missing while ``data.download``
   is false;
-- a ``model.checkpoint`` that does not exist, or a ``.pt`` that holds a pickle
-  (refused by the weights-only loader; its payload never runs);
+- a ``model.checkpoint`` that does not exist, a ``torch.save`` file that holds a pickle
+  (refused by the weights-only loader; its payload never runs), or one whose keys and
+  shapes do not fit the model (checked on the meta device, before the teacher trains);
 - pretrained weights that are neither in torch.hub's cache nor downloadable (the only
   network access, and only for weights the config asks for: a HEAD request).
 
@@ -22,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from kdpipe.build import check_checkpoint
 from kdpipe.config import DataConfig, ModelConfig, PipelineConfig
 from kdpipe.idx import find_idx_pair
 from kdpipe.models_tv import pretrained_file
@@ -32,7 +34,7 @@ from kdpipe.sources import (
     open_torchvision_split,
 )
 from kdpipe.state_dicts import TORCH_SUFFIXES, load_weights_only
-from kdpipe.validate import Problem
+from kdpipe.validate import Problem, input_channels
 
 __all__ = ["preflight", "url_reachable"]
 
@@ -54,9 +56,33 @@ def preflight(config: PipelineConfig, *, prefix: str = "parameters",
     """Every missing file or unavailable download ``config`` needs (empty when none)."""
     found = _data_problems(config.data, f"{prefix}.data")
     for role in ("teacher", "student"):
-        found += _model_problems(getattr(config, role).model, f"{prefix}.{role}.model",
-                                 reachable)
+        path = f"{prefix}.{role}.model"
+        model_problems = _model_problems(getattr(config, role).model, path, reachable)
+        found += model_problems or _fit_problems(getattr(config, role).model, config.data, path)
     return found
+
+
+def _class_count(cfg: DataConfig) -> int | None:
+    """The dataset's class count where it is known without reading the data."""
+    kind, _, arg = cfg.source.partition(":")
+    if kind == "imagefolder":
+        root = Path(arg).expanduser()
+        if not root.is_dir():
+            return None
+        return sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return 100 if arg == "CIFAR100" else 10
+
+
+def _fit_problems(cfg: ModelConfig, data: DataConfig, path: str) -> list[Problem]:
+    """A start checkpoint that does not fit the model (keys, shapes, classes), on meta."""
+    classes = _class_count(data)
+    if cfg.checkpoint is None or classes is None:
+        return []
+    try:
+        check_checkpoint(cfg, classes, input_channels(data))
+    except (ValueError, OSError) as err:
+        return [Problem(f"{path}.checkpoint", str(err))]
+    return []
 
 
 def _data_problems(cfg: DataConfig, path: str) -> list[Problem]:

@@ -36,8 +36,8 @@ from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 from kdpipe.student_init import layer_mapping_problem
 
-__all__ = ["ConfigProblems", "Problem", "as_model_config", "find_problems", "meta_model",
-           "validate", "validate_parts"]
+__all__ = ["ConfigProblems", "Problem", "as_model_config", "find_problems", "input_channels",
+           "meta_model", "validate", "validate_parts"]
 
 _PLACEHOLDER_CLASSES = 10
 """Class count for the meta-device builds: module paths do not depend on it."""
@@ -93,7 +93,7 @@ def find_problems(config: PipelineConfig, *, prefix: str = "parameters") -> list
     found: list[Problem] = []
     prefix = f"{prefix}." if prefix else ""  # "" for a config built in Python
     found += _data_problems(config.data, f"{prefix}data")
-    channels = _input_channels(config.data)
+    channels = input_channels(config.data)
     models: dict[str, nn.Module | None] = {}
     for role in ("teacher", "student"):
         section = getattr(config, role)
@@ -226,7 +226,8 @@ def _try_meta(cfg: ModelConfig, channels: int, found: list[Problem], path: str
         return None
 
 
-def _input_channels(cfg: DataConfig) -> int:
+def input_channels(cfg: DataConfig) -> int:
+    """The input channel count of ``cfg``'s images, known without reading them."""
     kind, _, arg = cfg.source.partition(":")
     if kind in ("digits", "mnist5k", "fashion_mnist") or arg in ("MNIST", "FashionMNIST"):
         return 1
