@@ -109,3 +109,27 @@ def test_config_rules_for_student_init() -> None:
                        "student": {"model": {"arch": "resnet20"}, "init": "teacher_layers"},
                        "prune": {"enabled": False}})
     assert find_problems(ok) == []
+
+
+@pytest.mark.slow
+def test_distill_recipe_starts_from_the_pruned_teacher(tmp_path: Path) -> None:
+    from kdpipe.config import DataConfig, DistillConfig, TrainConfig
+    from kdpipe.data import build_dataset_spec
+    from kdpipe.recipes import distill_student
+
+    spec = build_dataset_spec(DataConfig(source="digits", batch_size=64))
+    torch.manual_seed(0)
+    teacher = Bundle.from_model(create_model("cnn_small", 10, 1).eval(), arch="cnn_small",
+                                classes=spec.classes, input_shape=spec.input_shape,
+                                mean=spec.mean, std=spec.std)
+    cfg = StudentConfig(model={"arch": "cnn_small"}, init="teacher_pruned", init_target=0.3,
+                        train=TrainConfig(epochs=1, device="cpu"))
+    student = distill_student(spec, teacher, cfg, DistillConfig())
+    init = student.spec.extra["init"]
+    assert init["kind"] == "teacher_pruned" and init["kept"] == pytest.approx(0.3, rel=0.1)
+    assert count_params(student.model) / count_params(teacher.model) == pytest.approx(init["kept"])
+    assert student.spec.arch == "cnn_small" and student.spec.layout  # arch + pruned layout
+    loaded = load_bundle(save_bundle(student, tmp_path / "s"))
+    x = torch.rand(2, *spec.input_shape)
+    with torch.no_grad():
+        assert torch.equal(student.model.eval()(x), loaded.model(x))

@@ -121,14 +121,34 @@ def distill_student(
                    student=student_cfg, distill=distill_cfg)
     _check_compatible(teacher, dataset)
     seed_everything(student_cfg.train.seed)  # the initial weights follow from the config alone
-    model = build_model(student_cfg.model, dataset.num_classes, dataset.in_channels)
+    model, init = _initial_student(student_cfg, teacher, dataset)
     result = _fit(model, student_cfg.model, dataset, student_cfg.train, teacher=teacher,
                   distill_cfg=distill_cfg, callbacks=callbacks, checkpoint_dir=checkpoint_dir,
                   desc="student")
     return _trained_bundle(model, student_cfg.model, dataset, role="student", history=result.history,
                            val_accuracy=result.best_val_accuracy, device=student_cfg.train.device,
-                           extra={"best_epoch": result.best_epoch,
+                           extra={"best_epoch": result.best_epoch, "init": init,
                                   "distill": distill_cfg.model_dump(mode="json")})
+
+
+def _initial_student(cfg: StudentConfig, teacher: Bundle, dataset: DatasetSpec
+                     ) -> tuple[nn.Module, dict[str, Any]]:
+    """The student before training (``student.init``) and a record of how it started."""
+    from kdpipe import student_init
+
+    if cfg.init == "teacher_pruned":
+        assert cfg.init_target is not None  # StudentConfig requires it
+        model, kept = student_init.prune_teacher_to(teacher.model, cfg.init_target,
+                                                    cfg.init_metric, dataset.input_shape)
+        return model, {"kind": cfg.init, "metric": cfg.init_metric, "target": cfg.init_target,
+                       "kept": kept}
+    model = build_model(cfg.model, dataset.num_classes, dataset.in_channels)
+    if cfg.init == "teacher_layers":
+        mapping = student_init.from_teacher_layers(model, teacher.model)
+        copied = sorted({v.split(".")[0] + "." + v.split(".")[1] for v in mapping.values()
+                         if v.startswith("layer")})
+        return model, {"kind": cfg.init, "teacher_blocks": copied}
+    return model, {"kind": "scratch"}
 
 
 def prune_student(

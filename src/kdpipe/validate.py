@@ -248,10 +248,12 @@ def _student_init_problems(config: PipelineConfig, models: dict[str, nn.Module |
                            prefix: str) -> list[Problem]:
     student, path = config.student, f"{prefix}student.init"
     teacher_arch = config.teacher.model.arch
-    if student.init == "teacher_pruned" and student.model.arch != teacher_arch:
+    same = (student.model.arch, student.model.kwargs) == (teacher_arch, config.teacher.model.kwargs)
+    if student.init == "teacher_pruned" and not same:
         return [Problem(path, f"teacher_pruned prunes the teacher itself: set "
                               f"student.model.arch to the teacher's {teacher_arch!r} (got "
-                              f"{student.model.arch!r}), or use init: teacher_layers / scratch")]
+                              f"{student.model.arch!r}) and student.model.kwargs to the "
+                              "teacher's, or use init: teacher_layers / scratch")]
     if student.init == "teacher_layers" and None not in (models["teacher"], models["student"]):
         problem = layer_mapping_problem(models["teacher"], models["student"])
         if problem is not None:
