@@ -24,7 +24,7 @@ from typing import Any
 from kdpipe.config import ConfigError
 from kdpipe.configfile import load_config, load_predict_config, read_yaml
 from kdpipe.preflight import preflight
-from kdpipe.validate import ConfigProblems, find_problems
+from kdpipe.validate import ConfigProblems, find_problems, find_warnings
 
 DEFAULT_CONFIG = "configs/default.yaml"
 EXIT_STEP_FAILED = 1
@@ -69,6 +69,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         problems = find_problems(config) + preflight(config)
         if problems:
             raise ConfigProblems(problems, args.config)
+        for warning in find_warnings(config):  # allowed, but probably not what was meant
+            print(f"WARNING: {warning}", file=sys.stderr)
     else:
         load_predict_config(args.config)
     _check_run_config_keys(raw, args.config)

@@ -1,7 +1,8 @@
 """The distillation pipeline: wiring only (every step lives in steps/, all logic in kdpipe).
 
-    ingest_data → finetune_teacher → distill_student → prune_student → export_onnx
-                → evaluate_models → gate_student → promote_student
+    ingest_data → finetune_teacher → [distill_assistant × N] → distill_student
+                → prune_student → export_onnx → evaluate_models → gate_student
+                → promote_student
 
 Parameters are the sections of :class:`kdpipe.config.PipelineConfig`, given under
 ``parameters:`` of a run-configuration YAML (``configs/*.yaml``); their defaults are
@@ -26,6 +27,7 @@ from kdpipe.config import (
     TrackingConfig,
 )
 from kdpipe.validate import validate
+from steps.distill_assistant import distill_assistant
 from steps.distill_student import distill_student
 from steps.evaluate_models import evaluate_models
 from steps.export_onnx import export_onnx
@@ -61,9 +63,18 @@ def distillation_pipeline(
     dataset = ingest_data(config=config)
     teacher_model = finetune_teacher(dataset=dataset, teacher_cfg=teacher, tracking_cfg=tracking,
                                      warm_start_version=production_teacher_version(teacher))
-    student_model = distill_student(dataset=dataset, teacher=teacher_model, student_cfg=student,
-                                    distill_cfg=distill, tracking_cfg=tracking)
-    pruned = prune_student(dataset=dataset, student=student_model, teacher=teacher_model,
+    # Teacher assistants, if any: each learns from the model before it; the last one
+    # teaches the student (and its pruning recovery).
+    teacher_of_student = teacher_model
+    for index, assistant in enumerate(distill.assistants, start=1):
+        teacher_of_student = distill_assistant.with_options(substitutions={"index": str(index)})(
+            dataset=dataset, teacher=teacher_of_student, assistant_cfg=assistant,
+            distill_cfg=distill, tracking_cfg=tracking, index=index,
+            id=f"distill_assistant_{index}")
+    student_model = distill_student(dataset=dataset, teacher=teacher_of_student,
+                                    student_cfg=student, distill_cfg=distill,
+                                    tracking_cfg=tracking)
+    pruned = prune_student(dataset=dataset, student=student_model, teacher=teacher_of_student,
                            prune_cfg=prune, distill_cfg=distill, tracking_cfg=tracking)
     onnx = export_onnx(pruned_student=pruned, export_cfg=export, tracking_cfg=tracking)
     evaluation = evaluate_models(dataset=dataset, teacher=teacher_model, student=student_model,

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 TRAINING_STEPS = ("finetune_teacher", "distill_student", "prune_student", "export_onnx")
 ALWAYS_RUN = {"ingest_data", "gate_student", "promote_student"}
+ASSISTANT = {"model": {"arch": "cnn_tiny", "kwargs": {"width": 6}},
+             "train": {"epochs": 1, "lr": 0.01, "scheduler": "none"}}
 
 
 # ------------------------------------------------------------- fast unit tests
@@ -110,7 +112,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory,
     strict_gate = _write_config(tmp, "strict_gate", gate={"min_accuracy": 0.99})
     out["gate_changed"] = run(strict_gate, "kd-gate-changed")
     out["unchanged"] = run(strict_gate, "kd-unchanged")
-    new_split = _write_config(tmp, "new_split", data={"split_seed": 1}, gate={"min_accuracy": 0.99})
+    # New data retrains everything; this run also puts one teacher assistant in the chain.
+    new_split = _write_config(tmp, "new_split", data={"split_seed": 1}, gate={"min_accuracy": 0.99},
+                              distill={"assistants": [ASSISTANT]})
     out["data_changed"] = run(new_split, "kd-data-changed")
     return out
 
@@ -260,3 +264,26 @@ def test_data_change_retrains_everything_downstream(runs: dict[str, Any]) -> Non
     before = _output(runs["unchanged"], "ingest_data", "dataset").load().fingerprint
     after = _output(runs["data_changed"], "ingest_data", "dataset").load().fingerprint
     assert before != after
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_assistant_is_its_own_tracked_step_and_teaches_the_student(runs: dict[str, Any]) -> None:
+    import mlflow
+
+    run = runs["data_changed"]
+    output = run.steps["distill_assistant_1"].outputs["assistant_1"][0]
+    assistant = output.load()
+    assert assistant.spec.arch == "cnn_tiny" and assistant.spec.kwargs == {"width": 6}
+    assert assistant.spec.extra["role"] == "assistant_1"
+    # The student (and its pruning recovery) learned from the assistant, not the teacher.
+    assert run.steps["distill_student"].inputs["teacher"][0].id == output.id
+    assert run.steps["prune_student"].inputs["teacher"][0].id == output.id
+    assert run.steps["evaluate_models"].inputs["teacher"][0].id == \
+        run.steps["finetune_teacher"].outputs["teacher"][0].id
+    experiment = yaml.safe_load(SMOKE.read_text())["parameters"]["tracking"]["experiment"]
+    (mlflow_run,) = mlflow.search_runs(experiment_names=[experiment], output_format="list",
+                                       filter_string="attributes.run_name = 'kd-data-changed'")
+    curve = mlflow.MlflowClient().get_metric_history(mlflow_run.info.run_id,
+                                                     "assistant_1/train_loss")
+    assert [m.step for m in curve] == [1]

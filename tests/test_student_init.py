@@ -99,7 +99,7 @@ def test_config_rules_for_student_init() -> None:
                                     "init_target": 0.1}})
     (problem,) = find_problems(cfg)
     assert problem.path == "parameters.student.init"
-    assert "set student.model.arch to the teacher's 'cnn_large'" in problem.message
+    assert "set parameters.student.model.arch to 'cnn_large'" in problem.message
     cfg = parse_config({"teacher": {"model": {"arch": "resnet56"}},
                         "student": {"model": {"arch": "resnet8x4"}, "init": "teacher_layers"},
                         "prune": {"enabled": False}})

@@ -136,3 +136,26 @@ def test_pipeline_called_from_python_validates_before_a_run_exists() -> None:
         distillation_pipeline.with_options(run_name="kd-invalid-from-python")(
             distill=DistillConfig(loss="crd"))
     assert client.list_pipeline_runs().total == before
+
+
+def test_assistants_are_checked_like_students_and_every_hop_like_a_pair() -> None:
+    from kdpipe.validate import find_warnings
+
+    cfg = parse_config({
+        "teacher": {"model": {"arch": "resnet56"}},
+        "distill": {"assistants": [{"model": {"arch": "resnet32", "kwargs": {"width": 2}}},
+                                   {"model": {"arch": "resnet20"}, "train": {"optimizer": "adam"}}],
+                    "feature_loss": "attention", "student_layer": "layer3",
+                    "teacher_layer": "layer3"},
+        "student": {"model": {"arch": "cnn_small"}},  # no layer3: the last hop's pupil
+        "prune": {"enabled": False}})
+    problems = {p.path: p.message for p in find_problems(cfg)}
+    assert sorted(problems) == ["parameters.distill.assistants[0].model.kwargs.width",
+                                "parameters.distill.assistants[1].train.optimizer",
+                                "parameters.distill.student_layer"]
+    assert "no module 'layer3' in the student (SmallCNN)" in problems["parameters.distill.student_layer"]
+    assert find_warnings(cfg) == []
+    bigger = parse_config({"teacher": {"model": {"arch": "resnet20"}},
+                           "distill": {"assistants": [{"model": {"arch": "resnet56"}}]}})
+    (warning,) = find_warnings(bigger)
+    assert warning.startswith("distill.assistants[0] (resnet56, ") and "larger than" in warning

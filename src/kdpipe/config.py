@@ -163,6 +163,29 @@ class TrainConfig(_Frozen):
         return self
 
 
+class StudentConfig(_Frozen):
+    """The student: its architecture, its training and where its weights start."""
+
+    model: ModelConfig = ModelConfig(arch="cnn_small")
+    train: TrainConfig = TrainConfig()
+    init: Literal["scratch", "teacher_pruned", "teacher_layers"] = "scratch"
+    """``scratch``: random weights. ``teacher_pruned``: the trained teacher itself,
+    structurally pruned down to ``init_target`` of its size (its surviving weights kept;
+    ``model.arch`` must then be the teacher's). ``teacher_layers``: a shallower member of
+    the teacher's family (resnet56 -> resnet20, wrn_40_2 -> wrn_16_2) taking the teacher's
+    stem, head and an evenly spaced selection of its blocks."""
+    init_target: float | None = Field(None, gt=0.0, lt=1.0)
+    """teacher_pruned: the fraction of the teacher's params (or MACs) the student keeps."""
+    init_metric: Literal["params", "macs"] = "params"
+
+    @model_validator(mode="after")
+    def _init_target(self) -> StudentConfig:
+        if (self.init == "teacher_pruned") != (self.init_target is not None):
+            raise ValueError("init_target (a fraction in (0, 1), e.g. 0.1) is needed by, and "
+                             "only by, init: teacher_pruned")
+        return self
+
+
 class DistillConfig(_Frozen):
     """Distillation losses.
 
@@ -186,6 +209,10 @@ class DistillConfig(_Frozen):
     """Module path of the student's feature layer (e.g. ``layer3``) for feature losses."""
     teacher_layer: str | None = None
     cache_teacher_logits: bool = True
+    assistants: tuple[StudentConfig, ...] = ()
+    """Teacher assistants (Mirzadeh et al. 2020): models between teacher and student, each
+    distilled from the one before (teacher -> assistant 1 -> ... -> student) with this
+    section's loss settings. Empty: the teacher teaches the student directly."""
     """Compute the frozen teacher's logits once when the train split has no augmentation."""
 
     @model_validator(mode="after")
@@ -203,29 +230,6 @@ class TeacherConfig(_Frozen):
     train: TrainConfig = TrainConfig()
     init: Literal["scratch", "production"] = "scratch"
     """``production`` warm-starts from the current production model version's teacher."""
-
-
-class StudentConfig(_Frozen):
-    """The student: its architecture, its training and where its weights start."""
-
-    model: ModelConfig = ModelConfig(arch="cnn_small")
-    train: TrainConfig = TrainConfig()
-    init: Literal["scratch", "teacher_pruned", "teacher_layers"] = "scratch"
-    """``scratch``: random weights. ``teacher_pruned``: the trained teacher itself,
-    structurally pruned down to ``init_target`` of its size (its surviving weights kept;
-    ``model.arch`` must then be the teacher's). ``teacher_layers``: a shallower member of
-    the teacher's family (resnet56 -> resnet20, wrn_40_2 -> wrn_16_2) taking the teacher's
-    stem, head and an evenly spaced selection of its blocks."""
-    init_target: float | None = Field(None, gt=0.0, lt=1.0)
-    """teacher_pruned: the fraction of the teacher's params (or MACs) the student keeps."""
-    init_metric: Literal["params", "macs"] = "params"
-
-    @model_validator(mode="after")
-    def _init_target(self) -> StudentConfig:
-        if (self.init == "teacher_pruned") != (self.init_target is not None):
-            raise ValueError("init_target (a fraction in (0, 1), e.g. 0.1) is needed by, and "
-                             "only by, init: teacher_pruned")
-        return self
 
 
 # ------------------------------------------------------------------------- pruning

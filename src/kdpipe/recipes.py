@@ -103,8 +103,12 @@ def distill_student(
     *,
     callbacks: Sequence[Callback] = (),
     checkpoint_dir: str | Path | None = None,
+    role: str = "student",
 ) -> Bundle:
     """Distil ``teacher`` into a fresh student (see :class:`kdpipe.train.DistillationTask`).
+
+    A teacher assistant is distilled the same way (``role="assistant_<i>"``, its own
+    :class:`~kdpipe.config.StudentConfig`), with the model before it as ``teacher``.
 
     Args:
         dataset: the dataset spec the teacher was trained on.
@@ -124,8 +128,8 @@ def distill_student(
     model, init = _initial_student(student_cfg, teacher, dataset)
     result = _fit(model, student_cfg.model, dataset, student_cfg.train, teacher=teacher,
                   distill_cfg=distill_cfg, callbacks=callbacks, checkpoint_dir=checkpoint_dir,
-                  desc="student")
-    return _trained_bundle(model, student_cfg.model, dataset, role="student", history=result.history,
+                  desc=role)
+    return _trained_bundle(model, student_cfg.model, dataset, role=role, history=result.history,
                            val_accuracy=result.best_val_accuracy, device=student_cfg.train.device,
                            extra={"best_epoch": result.best_epoch, "init": init,
                                   "distill": distill_cfg.model_dump(mode="json")})

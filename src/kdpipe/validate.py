@@ -36,8 +36,8 @@ from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 from kdpipe.student_init import layer_mapping_problem
 
-__all__ = ["ConfigProblems", "Problem", "as_model_config", "find_problems", "input_channels",
-           "meta_model", "validate", "validate_parts"]
+__all__ = ["ConfigProblems", "Problem", "as_model_config", "find_problems", "find_warnings",
+           "input_channels", "meta_model", "validate", "validate_parts"]
 
 _PLACEHOLDER_CLASSES = 10
 """Class count for the meta-device builds: module paths do not depend on it."""
@@ -94,17 +94,46 @@ def find_problems(config: PipelineConfig, *, prefix: str = "parameters") -> list
     prefix = f"{prefix}." if prefix else ""  # "" for a config built in Python
     found += _data_problems(config.data, f"{prefix}data")
     channels = input_channels(config.data)
-    models: dict[str, nn.Module | None] = {}
-    for role in ("teacher", "student"):
-        section = getattr(config, role)
-        path = f"{prefix}{role}.model"
-        found += _model_problems(section.model, path)
-        models[role] = _try_meta(section.model, channels, found, path)
-        found += _train_problems(section.train, f"{prefix}{role}.train", config.data)
-    found += _student_init_problems(config, models, prefix)
-    found += _distill_problems(config, models, prefix)
-    found += _prune_problems(config, models["student"], prefix)
+    chain = _chain(config, prefix)  # teacher, assistants..., student: (key path, section)
+    models: list[nn.Module | None] = []
+    for path, section in chain:
+        found += _model_problems(section.model, f"{path}.model")
+        models.append(_try_meta(section.model, channels, found, f"{path}.model"))
+        found += _train_problems(section.train, f"{path}.train", config.data)
+    for k in range(1, len(chain)):  # every hop: (its teacher, its pupil)
+        found += _init_problems(chain[k - 1], chain[k], models[k - 1], models[k])
+        found += _feature_layer_problems(config, chain[k - 1][0], chain[k][0],
+                                         models[k - 1], models[k], prefix)
+    found += _distill_problems(config, prefix)
+    found += _prune_problems(config, models[-1], prefix)
     return found
+
+
+def find_warnings(config: PipelineConfig) -> list[str]:
+    """Allowed but unusual settings: an assistant larger than the model before it."""
+    chain = _chain(config, "")
+    warnings = []
+    for k in range(1, len(chain) - 1):  # the assistants, each against the model before it
+        (t_path, t_cfg), (s_path, s_cfg) = chain[k - 1], chain[k]
+        t_size, s_size = _meta_params(t_cfg.model), _meta_params(s_cfg.model)
+        if None not in (t_size, s_size) and s_size > t_size:
+            warnings.append(f"{s_path} ({s_cfg.model.arch}, {s_size:,} params) is larger than "
+                            f"the model it learns from, {t_path} ({t_cfg.model.arch}, "
+                            f"{t_size:,}): assistants usually shrink step by step")
+    return warnings
+
+
+def _chain(config: PipelineConfig, prefix: str) -> list[tuple[str, Any]]:
+    assistants = [(f"{prefix}distill.assistants[{i}]", a)
+                  for i, a in enumerate(config.distill.assistants)]
+    return [(f"{prefix}teacher", config.teacher), *assistants, (f"{prefix}student", config.student)]
+
+
+def _meta_params(cfg: ModelConfig) -> int | None:
+    try:
+        return sum(p.numel() for p in meta_model(cfg, 3).parameters())
+    except Exception:  # noqa: BLE001 - reported as a problem by find_problems
+        return None
 
 
 # ------------------------------------------------------------------------- names
@@ -244,36 +273,41 @@ def _layer_problem(model: nn.Module, layer: str, path: str, role: str) -> list[P
 
 
 # ---------------------------------------------------------------- distill, prune
-def _student_init_problems(config: PipelineConfig, models: dict[str, nn.Module | None],
-                           prefix: str) -> list[Problem]:
-    student, path = config.student, f"{prefix}student.init"
-    teacher_arch = config.teacher.model.arch
-    same = (student.model.arch, student.model.kwargs) == (teacher_arch, config.teacher.model.kwargs)
-    if student.init == "teacher_pruned" and not same:
-        return [Problem(path, f"teacher_pruned prunes the teacher itself: set "
-                              f"student.model.arch to the teacher's {teacher_arch!r} (got "
-                              f"{student.model.arch!r}) and student.model.kwargs to the "
-                              "teacher's, or use init: teacher_layers / scratch")]
-    if student.init == "teacher_layers" and None not in (models["teacher"], models["student"]):
-        problem = layer_mapping_problem(models["teacher"], models["student"])
+def _init_problems(teacher: tuple[str, Any], pupil: tuple[str, Any],
+                   t_model: nn.Module | None, p_model: nn.Module | None) -> list[Problem]:
+    (t_path, t_cfg), (p_path, p_cfg) = teacher, pupil
+    path = f"{p_path}.init"
+    same = (p_cfg.model.arch, p_cfg.model.kwargs) == (t_cfg.model.arch, t_cfg.model.kwargs)
+    if p_cfg.init == "teacher_pruned" and not same:
+        return [Problem(path, f"teacher_pruned prunes the model it learns from ({t_path}): "
+                              f"set {p_path}.model.arch to {t_cfg.model.arch!r} (got "
+                              f"{p_cfg.model.arch!r}) and its kwargs to that model's, or use "
+                              "init: teacher_layers / scratch")]
+    if p_cfg.init == "teacher_layers" and None not in (t_model, p_model):
+        problem = layer_mapping_problem(t_model, p_model)
         if problem is not None:
             return [Problem(path, problem)]
     return []
 
 
+def _feature_layer_problems(config: PipelineConfig, t_path: str, p_path: str,
+                            t_model: nn.Module | None, p_model: nn.Module | None,
+                            prefix: str) -> list[Problem]:
+    cfg, path = config.distill, f"{prefix}distill"
+    if cfg.feature_loss == "none" or cfg.feature_loss not in FEATURE_LOSSES:
+        return []
+    found = []
+    for layer, model, key, who in ((cfg.student_layer, p_model, "student_layer", p_path),
+                                   (cfg.teacher_layer, t_model, "teacher_layer", t_path)):
+        if layer and model is not None:
+            found += _layer_problem(model, layer, f"{path}.{key}", who.removeprefix(prefix))
+    return found
 
-def _distill_problems(config: PipelineConfig, models: dict[str, nn.Module | None],
-                      prefix: str) -> list[Problem]:
+
+def _distill_problems(config: PipelineConfig, prefix: str) -> list[Problem]:
     cfg, path = config.distill, f"{prefix}distill"
     found = _name_problem(LOGIT_LOSSES, cfg.loss, f"{path}.loss")
-    found += _name_problem(FEATURE_LOSSES, cfg.feature_loss, f"{path}.feature_loss")
-    if cfg.feature_loss == "none" or cfg.feature_loss not in FEATURE_LOSSES:
-        return found
-    for role, key in (("student", "student_layer"), ("teacher", "teacher_layer")):
-        layer, model = getattr(cfg, key), models[role]
-        if layer and model is not None:
-            found += _layer_problem(model, layer, f"{path}.{key}", role)
-    return found
+    return found + _name_problem(FEATURE_LOSSES, cfg.feature_loss, f"{path}.feature_loss")
 
 
 def _prune_problems(config: PipelineConfig, student: nn.Module | None, prefix: str
