@@ -129,11 +129,11 @@ def test_first_run_completes_every_step(runs: dict[str, Any]) -> None:
 def test_artifacts_have_kdpipe_types_and_metadata(runs: dict[str, Any]) -> None:
     from kdpipe.bundle import Bundle
     from kdpipe.data import DatasetSpec, make_loader
+    from kdpipe.eval_loop import evaluate
     from kdpipe.evaluation import EvaluationReport
     from kdpipe.export import ExportResult
     from kdpipe.gate import GateDecision
     from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
-    from kdpipe.train import evaluate
 
     run = runs["first"]
     dataset = _output(run, "ingest_data", "dataset")
