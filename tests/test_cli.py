@@ -49,7 +49,7 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # The environment (isolated ZenML store and MLflow DB from conftest) is inherited.
     return subprocess.run([sys.executable, "run_pipeline.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def write_config(tmp_path: Path, mutate) -> Path:  # noqa: ANN001 - a small test helper

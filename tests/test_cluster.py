@@ -1,13 +1,15 @@
 """Cluster configs, scheduled retraining and the schedule error path, all without a cluster.
 
-What runs offline here: every cluster/retrain YAML against ZenML's run-configuration
-schema (strictly: ZenML itself ignores unknown top-level keys) and kdpipe's own configs;
-each settings block against the settings class its stack component reads; the GPU
-requests where each orchestrator applies them; the real pipeline compiled with each
-config on a local stack that carries an MLflow tracker. What needs the optional
-`kubernetes` package (not a kdpipe dependency) is skipped with that reason: ZenML's pod
-settings validators import it. Nothing here can reach a cluster: images, pods, CronJobs
-and KFP recurring runs are exercised only by configuration (see docs/cluster.md).
+What runs offline here: every cluster YAML against ZenML's run-configuration schema
+(strictly: ZenML itself ignores unknown top-level keys) and kdpipe's own configs (the
+retrain YAML's schema is tests/test_configs.py's, with every top-level config); each
+settings block against the settings class its stack component reads; the GPU requests
+where each orchestrator applies them; the real pipeline compiled with each config on a
+local stack that carries an MLflow tracker. ZenML's pod-settings validators need the
+`kubernetes` client package (kdpipe's `cluster` extra, also part of `dev`); the tests
+that use them are skipped with that reason where it is missing. Nothing here can reach a
+cluster: images, pods, CronJobs and KFP recurring runs are exercised only by
+configuration (see docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from zenml.integrations.mlflow.flavors.mlflow_experiment_tracker_flavor import (
 
 from kdpipe.config import PipelineConfig
 from kdpipe.configfile import load_config
+from kdpipe.validate import find_problems
 from pipelines import schedule as sched
 from pipelines.schedule import (
     CronError,
@@ -50,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "configs" / "cluster" / "kubernetes.yaml"
 KUBEFLOW = ROOT / "configs" / "cluster" / "kubeflow.yaml"
 RETRAIN = ROOT / "configs" / "retrain.yaml"
-ALL_CONFIGS = [KUBERNETES, KUBEFLOW, RETRAIN]
+# configs/retrain.yaml (no steps or settings blocks) is checked with every other top-level
+# config by tests/test_configs.py; here only what is particular to it.
 CLUSTER_CONFIGS = [KUBERNETES, KUBEFLOW]
 
 PIPELINE_STEPS = {
@@ -78,7 +82,7 @@ HAS_KUBERNETES = importlib.util.find_spec("kubernetes") is not None
 NEEDS_KUBERNETES = pytest.mark.skipif(
     not HAS_KUBERNETES,
     reason="ZenML's pod-settings validators import the `kubernetes` client package, which "
-    "is not a kdpipe dependency (pip install 'kubernetes>=21.7,<26' or kdpipe[cluster])",
+    "is not installed (pip install -e '.[cluster]', or '.[dev]' as make test does)",
 )
 
 
@@ -99,7 +103,7 @@ def _quantity(value: str) -> int:
 
 
 # ------------------------------------------------------------------ both schemas
-@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
 def test_config_matches_zenml_run_configuration_schema(path: Path) -> None:
     raw = _raw(path)
     run_config = PipelineRunConfiguration.model_validate(raw)
@@ -114,16 +118,17 @@ def test_config_matches_zenml_run_configuration_schema(path: Path) -> None:
     assert run_config.model is not None and run_config.model.name
 
 
-@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
 def test_config_parameters_are_a_valid_kdpipe_config(path: Path) -> None:
     config = load_config(path)
 
-    assert isinstance(config, PipelineConfig)
-    assert config.tracking.registered_model
+    assert [str(p) for p in find_problems(config)] == []  # names, options, layer paths
+    # The gate and the promotion look up the model that the ZenML model block names.
+    assert config.tracking.registered_model == _raw(path)["model"]["name"]
     assert set(_raw(path)["parameters"]) <= set(PipelineConfig.model_fields)
 
 
-@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
 def test_every_settings_block_validates_with_its_settings_class(path: Path) -> None:
     raw = _raw(path)
     blocks = [("<pipeline>", raw.get("settings", {}))]
@@ -217,11 +222,23 @@ def test_kubernetes_schedule_is_a_forbid_concurrency_cronjob() -> None:
 @NEEDS_KUBERNETES
 def test_kubernetes_settings_validate_with_zenml_pod_settings(caplog) -> None:
     raw = _raw(KUBERNETES)
-    blocks = [raw["settings"]["orchestrator.kubernetes"]]
-    blocks += [_step_settings(raw, step)["orchestrator.kubernetes"] for step in GPU_STEPS]
-    for block in blocks:
-        settings = KubernetesOrchestratorSettings.model_validate(block)
-        assert settings.pod_settings is not None
+    blocks = {"<pipeline>": raw["settings"]["orchestrator.kubernetes"]}
+    blocks |= {step: _step_settings(raw, step)["orchestrator.kubernetes"] for step in GPU_STEPS}
+    gpus = {"<pipeline>": None, "finetune_teacher": "1", "distill_student": "2",
+            "prune_student": "1"}
+    for where, block in blocks.items():
+        pod = KubernetesOrchestratorSettings.model_validate(block).pod_settings
+        # Nothing dropped or renamed on the way (a snake_case key inside would be).
+        yaml_pod = block["pod_settings"]
+        assert pod.resources == yaml_pod["resources"], where
+        assert pod.tolerations == yaml_pod.get("tolerations", []), where
+        assert pod.node_selectors == yaml_pod.get("node_selectors", {}), where
+        assert pod.volumes == yaml_pod.get("volumes", []), where
+        assert pod.volume_mounts == yaml_pod.get("volume_mounts", []), where
+        assert pod.resources["limits"].get("nvidia.com/gpu") == gpus[where], where
+        assert pod.resources["requests"].get("nvidia.com/gpu") == gpus[where], where
+        assert [t["key"] for t in pod.tolerations] == ([] if gpus[where] is None
+                                                       else ["nvidia.com/gpu"]), where
     # ZenML logs "Invalid data for Kubernetes model class" for snake_case keys.
     assert "Invalid data for Kubernetes model" not in caplog.text
 
@@ -281,12 +298,6 @@ def test_retrain_config_warm_starts_on_the_default_data_and_model() -> None:
 
 
 # ------------------------------------------------------------------ offline compile
-HAS_PIPELINE = importlib.util.find_spec("pipelines.distillation") is not None
-NEEDS_PIPELINE = pytest.mark.skipif(
-    not HAS_PIPELINE, reason="pipelines/distillation.py (distillation_pipeline) is not in the tree"
-)
-
-
 def _stack_with(name: str, orchestrator: dict[str, Any] | None = None):
     """The default local stack plus an MLflow tracker (and optionally another orchestrator).
 
@@ -352,7 +363,6 @@ def _compile(path: Path, stack):
 
 
 @pytest.mark.slow  # imports the whole pipeline (torch, onnx, mlflow) on first use
-@NEEDS_PIPELINE
 @pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
 def test_pipeline_compiles_with_cluster_config_on_a_local_stack(path: Path, mlflow_stack) -> None:
     snapshot = _compile(path, mlflow_stack)
@@ -377,7 +387,6 @@ def test_pipeline_compiles_with_cluster_config_on_a_local_stack(path: Path, mlfl
 
 
 @pytest.mark.slow
-@NEEDS_PIPELINE
 @NEEDS_KUBERNETES
 def test_kubernetes_orchestrator_reads_the_gpu_pod_settings_after_compile(kubernetes_stack) -> None:
     snapshot = _compile(KUBERNETES, kubernetes_stack)

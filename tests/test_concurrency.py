@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -39,23 +41,42 @@ def test_lock_lives_beside_a_sqlite_database(tmp_path: Path) -> None:
     assert remote.name == ".kdpipe-promote-m.lock" and remote.parent.name == "kdpipe-locks"
 
 
-def test_second_promotion_waits_for_the_first(tmp_path: Path) -> None:
+def test_second_promotion_waits_for_the_first(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Event-based: the second holder is seen waiting (it polls) before the first lets go."""
+    from kdpipe import promotion
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     order: list[str] = []
-    first_holds = threading.Event()
+    first_holds, release, second_polls = threading.Event(), threading.Event(), threading.Event()
+
+    def poll(seconds: float) -> None:  # promotion_lock sleeps only when the lock is taken
+        second_polls.set()
+        time.sleep(seconds)
+
+    monkeypatch.setattr(promotion, "time", types.SimpleNamespace(monotonic=time.monotonic,
+                                                                 sleep=poll))
 
     def first() -> None:
         with promotion_lock("m", tracking_uri=uri):
             first_holds.set()
-            threading.Event().wait(0.5)
+            assert release.wait(30)
             order.append("first done")
 
-    thread = threading.Thread(target=first)
-    thread.start()
+    def second() -> None:
+        with promotion_lock("m", tracking_uri=uri, timeout_s=30, poll_s=0.01):
+            order.append("second in")
+
+    holder = threading.Thread(target=first)
+    holder.start()
     assert first_holds.wait(10)
-    with promotion_lock("m", tracking_uri=uri, timeout_s=30, poll_s=0.05):
-        order.append("second in")
-    thread.join()
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    assert second_polls.wait(10), "the second promotion never found the lock taken"
+    assert order == []  # still waiting while the first holds the lock
+    release.set()
+    holder.join(30)
+    waiter.join(30)
     assert order == ["first done", "second in"]
 
 

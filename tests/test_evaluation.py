@@ -23,7 +23,7 @@ from kdpipe.evaluation import (
     compatibility_problem,
     evaluate_models,
 )
-from kdpipe.metrics import count_params
+from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
 from kdpipe.models import create_model
 from kdpipe.train import evaluate
 
@@ -93,7 +93,8 @@ def test_pytorch_numbers_match_the_training_loops_evaluate(world: dict,
         assert got.confusion == expected.confusion
         assert got.num_samples == world["spec"].split_sizes["test"]
         assert got.params == count_params(world[key].model)
-        assert got.macs is not None and got.macs > 0
+        assert got.macs == count_macs(world[key].model, world["spec"].input_shape)
+        assert got.size_bytes == serialized_size_bytes(world[key].model)
 
 
 def test_onnx_model_matches_the_pruned_student(world: dict, report: EvaluationReport) -> None:
@@ -115,13 +116,50 @@ def test_confusion_and_per_class_accuracy_are_consistent(report: EvaluationRepor
     np.testing.assert_allclose(report.candidate.per_class_accuracy, recall, atol=1e-12)
 
 
-def test_latency_is_measured_at_each_batch_size(report: EvaluationReport) -> None:
-    for ev in report.models.values():
-        assert [s.batch_size for s in ev.latency] == [1, 4]
-        for s in ev.latency:
-            assert 0.0 < s.p50_ms <= s.p95_ms
-    assert report.candidate.latency_at(1) is not None
-    assert report.candidate.latency_at(64) is None
+def _timed_model(world: dict, out: object) -> str:
+    """Which model produced ``out``: ONNX Runtime returns arrays, PyTorch tensors."""
+    if isinstance(out, np.ndarray):
+        return "onnx"
+    shape = (out.shape[0], *world["spec"].input_shape)
+    x = torch.from_numpy(np.random.default_rng(0).random(shape, dtype=np.float32))  # as timed
+    for name, key in (("teacher", "teacher"), ("student", "student"),
+                      ("pruned_student", "pruned")):
+        b = world[key]
+        mean = torch.tensor(b.spec.mean).view(1, -1, 1, 1)
+        std = torch.tensor(b.spec.std).view(1, -1, 1, 1)
+        with torch.no_grad():
+            if torch.allclose(b.model((x - mean) / std), out, atol=1e-6):
+                return name
+    raise AssertionError("a timed call came from none of the models")
+
+
+def test_latency_is_measured_at_each_batch_size(world: dict, monkeypatch) -> None:
+    """Each model is timed at each configured batch size, with the configured repeats."""
+    from kdpipe import metrics
+
+    real = metrics.latency_stats
+    timed: list[tuple[str, int, int, dict[str, float]]] = []
+
+    def spy(fn, repeats: int, warmup: int, **kwargs) -> dict[str, float]:
+        outputs = []
+        stats = real(lambda: outputs.append(fn()), repeats=repeats, warmup=warmup, **kwargs)
+        timed.append((_timed_model(world, outputs[-1]), len(outputs[-1]), len(outputs), stats))
+        return stats
+
+    monkeypatch.setattr(metrics, "latency_stats", spy)
+    cfg = EvalConfig(latency_batch_sizes=(2, 5), latency_repeats=4, latency_warmup=1)
+    report = evaluate_models(world["spec"], world["teacher"], world["student"], world["pruned"],
+                             world["onnx"], cfg)
+    models = ("teacher", "student", "pruned_student", "onnx")
+    # (model, batch size, calls = warm-up + repeats) for every timing, in order.
+    assert [t[:3] for t in timed] == [(m, b, 5) for m in models for b in (2, 5)]
+    for i, (name, batch, _, stats) in enumerate(timed):
+        recorded = report.models[name].latency[i % 2]
+        assert recorded.batch_size == batch
+        assert (recorded.p50_ms, recorded.p95_ms, recorded.mean_ms) == (
+            stats["p50_ms"], stats["p95_ms"], stats["mean_ms"])  # the numbers of that timing
+    assert report.candidate.latency_at(5) is not None
+    assert report.candidate.latency_at(1) is None
 
 
 def test_no_production_is_recorded_as_absent(report: EvaluationReport) -> None:

@@ -20,10 +20,9 @@ MAX_FUNCTION_LINES = 60
 BOTTOM = {"kdpipe.config": {"kdpipe.uris"}, "kdpipe.registry": set(), "kdpipe.uris": set()}
 
 # Known debt (issue 13), measured at c2909ba. Each entry must disappear, never grow: the
-# tests below fail on any cycle, oversize module or long function NOT listed here, on a
-# listed module that has grown past its recorded size, and on an entry that is no longer
-# needed (so the list only shrinks). The edges are the imports that close today's cycles.
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
+# tests below fail on any cycle (none is allowed), oversize module or long function NOT
+# listed here, on a listed module that has grown past its recorded size, and on an entry
+# that is no longer needed (so the list only shrinks).
 KNOWN_LARGE_MODULES: dict[str, int] = {}  # module file -> lines at c2909ba
 KNOWN_LONG_FUNCTIONS: dict[str, set[str]] = {}  # module file -> its functions over the limit
 
@@ -113,33 +112,8 @@ def test_core_never_imports_zenml() -> None:
 
 
 def test_no_import_cycle_in_the_core() -> None:
-    graph = import_graph()
-    stale = {e for e in KNOWN_CYCLE_EDGES if e[1] not in graph.get(e[0], set())}
-    assert not stale, f"remove these from KNOWN_CYCLE_EDGES, they are gone: {sorted(stale)}"
-    for a, b in KNOWN_CYCLE_EDGES:
-        graph[a] = graph[a] - {b}
-    cycle = find_cycle(graph)
+    cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
-
-
-def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
-    seen, todo = set(), [start]
-    while todo:
-        node = todo.pop()
-        if node == goal:
-            return True
-        if node not in seen:
-            seen.add(node)
-            todo.extend(graph.get(node, ()))
-    return False
-
-
-def test_known_cycle_edges_still_close_a_cycle() -> None:
-    """A listed edge is debt only while it closes a cycle; one that doesn't must leave the list."""
-    graph = import_graph()
-    for a, b in KNOWN_CYCLE_EDGES:
-        if b in graph.get(a, set()):
-            assert _reaches(graph, b, a), f"{a} -> {b} closes no cycle now: drop it from KNOWN_CYCLE_EDGES"
 
 
 def test_config_and_registry_are_the_bottom_layer() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import time
+import types
 
 import numpy as np
 import pytest
@@ -90,12 +90,25 @@ def test_serialized_size_matches_safetensors_file(tmp_path):
     assert payload < size < payload + 1024  # plus a small JSON header
 
 
-def test_latency_stats_measures_a_known_sleep():
-    stats = latency_stats(lambda: time.sleep(0.002), repeats=10, warmup=1)
+def test_latency_stats_times_each_call_with_the_clock(monkeypatch):
+    """A fake clock that only the timed function advances: exact, race-free percentiles."""
+    from kdpipe import metrics
+
+    clock = [100.0]  # seconds
+    durations_ms = iter([500.0, 3, 1, 4, 1, 5, 9, 2, 6, 5, 3])  # the first is the warm-up call
+
+    def call():
+        clock[0] += next(durations_ms) / 1e3
+
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    stats = latency_stats(call, repeats=10, warmup=1)
     assert set(stats) == {"p50_ms", "p95_ms", "mean_ms"}
-    assert 2.0 <= stats["p50_ms"] < 50.0
-    assert stats["p50_ms"] <= stats["p95_ms"]
-    assert stats["mean_ms"] >= 2.0
+    # Sorted: 1 1 2 3 3 4 5 5 6 9 (the 500 ms warm-up is not timed). Linear interpolation:
+    # p50 between the 5th and 6th = 3.5; p95 at rank 0.95 * 9 = 8.55: 6 + 0.55 * 3 = 7.65.
+    assert stats["p50_ms"] == pytest.approx(3.5, abs=1e-6)
+    assert stats["p95_ms"] == pytest.approx(7.65, abs=1e-6)
+    assert stats["mean_ms"] == pytest.approx(3.9, abs=1e-6)
+    assert next(durations_ms, None) is None  # exactly warm-up + repeats calls
 
 
 def test_latency_stats_counts_calls_and_synchronizes():

@@ -51,16 +51,19 @@ def test_split_predictions_match_pytorch_and_report_accuracy(world: dict) -> Non
     assert len(preds.rows) == n
     assert [r.key for r in preds.rows] == [str(i) for i in range(n)]
     # The same predictions as the PyTorch model on normalised input.
-    logits = torch.cat([world["bundle"].model(x) for x, *_ in
-                        make_loader(world["spec"], "test", train=False)]).detach()
+    batches = list(make_loader(world["spec"], "test", train=False))
+    with torch.no_grad():
+        logits = torch.cat([world["bundle"].model(x) for x, *_ in batches])
     probs = torch.softmax(logits.double(), dim=1)
     expected = [world["spec"].classes[i] for i in probs.argmax(1).tolist()]
     assert [r.predicted for r in preds.rows] == expected
     np.testing.assert_allclose([r.probability for r in preds.rows],
                                probs.max(1).values.numpy(), atol=1e-5)
-    labels = [r.label for r in preds.rows]
+    # Labels and accuracy against the split's own labels, not read back from the rows.
+    truth = [world["spec"].classes[i] for i in torch.cat([y for _, y, *_ in batches]).tolist()]
+    assert [r.label for r in preds.rows] == truth
     assert preds.accuracy == pytest.approx(
-        np.mean([p == lab for p, lab in zip(expected, labels, strict=True)]), abs=1e-12)
+        np.mean([p == t for p, t in zip(expected, truth, strict=True)]), abs=1e-12)
     assert preds.metadata()["num_predictions"] == n
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,8 +75,48 @@ def test_unknown_weights_name_lists_the_valid_ones() -> None:
     assert problem.message == "unknown weights 'BEST' for tv_resnet18; valid: IMAGENET1K_V1, DEFAULT"
 
 
-def test_unreachable_url_says_why() -> None:
-    assert url_reachable("http://127.0.0.1:9/weights.pth") is not None  # nothing listens on 9
+class _Weights(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(200 if self.path == "/weights.pth" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests to 127.0.0.1 go there directly, not to a proxy from the environment."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def weights_server(no_proxy: None) -> Iterator[str]:
+    """A local HTTP server that answers HEAD /weights.pth; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Weights)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_reachable_url_is_none(weights_server: str) -> None:
+    assert url_reachable(f"{weights_server}/weights.pth") is None
+    assert url_reachable(f"{weights_server}/missing.pth") == "Not Found"  # the HTTP reason
+
+
+def test_unreachable_url_says_why(no_proxy: None) -> None:
+    with socket.socket() as s:  # a port that was just free: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reason = url_reachable(f"http://127.0.0.1:{port}/weights.pth")
+    assert reason is not None and "refused" in reason.lower(), reason
 
 
 def test_cli_exits_2_on_missing_dataset_files_before_zenml_starts(tmp_path: Path) -> None:
@@ -83,7 +127,7 @@ def test_cli_exits_2_on_missing_dataset_files_before_zenml_starts(tmp_path: Path
     env = dict(os.environ, ZENML_CONFIG_PATH=str(tmp_path / "zc"),
                ZENML_LOCAL_STORES_PATH=str(tmp_path / "zs"))
     result = subprocess.run([sys.executable, "run_pipeline.py", "--config", str(path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120, env=env)
+                            capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 2, result.stderr
     assert "parameters.data.source: torchvision:FashionMNIST files are missing" in result.stderr
     assert not (tmp_path / "zc").exists() and not (tmp_path / "zs").exists()

@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 NAME = "kdpipe-test-serve"
 SHAPE = (1, 8, 8)
-STARTUP_TIMEOUT_S = 90.0
+STARTUP_TIMEOUT_S = 300.0  # a safety limit for a loaded machine, not a check
 
 
 def _free_port() -> int:

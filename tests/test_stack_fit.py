@@ -132,7 +132,7 @@ def test_cli_refuses_a_cluster_config_on_the_local_stack_with_one_message(tmp_pa
     path = tmp_path / "k8s_no_schedule.yaml"
     path.write_text(yaml.safe_dump(raw))
     result = subprocess.run([sys.executable, "run_pipeline.py", "--config", str(path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cannot run: experiment_tracker: True" in result.stderr
     assert "ignored: settings.orchestrator.kubernetes" in result.stderr
