@@ -35,6 +35,8 @@ from kdpipe.prune import IMPORTANCES
 from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 from kdpipe.student_init import layer_mapping_problem
+from kdpipe.user_code import UserCodeError, call_arguments, is_import_path, resolve
+from kdpipe.user_code import build as build_user_model
 
 __all__ = ["ConfigProblems", "Problem", "as_model_config", "find_problems", "input_channels",
            "meta_model", "validate", "validate_parts"]
@@ -151,7 +153,26 @@ def _train_problems(cfg: TrainConfig, path: str, data: DataConfig) -> list[Probl
 
 
 # ------------------------------------------------------------------------ models
+def _user_code_problems(cfg: ModelConfig, path: str) -> list[Problem]:
+    """An import-path ``arch``: it resolves, and ``kwargs`` fit the callable's signature."""
+    try:
+        factory = resolve(cfg.arch)
+    except UserCodeError as err:
+        return [Problem(f"{path}.arch", str(err))]
+    found = []
+    try:
+        call_arguments(cfg.arch, factory, _PLACEHOLDER_CLASSES, 1, dict(cfg.kwargs))
+    except UserCodeError as err:
+        found.append(Problem(f"{path}.kwargs", str(err)))
+    if cfg.weights is not None:
+        found.append(Problem(f"{path}.weights", f"{cfg.arch!r} is your own code and has no "
+                                                "pretrained weights; use model.checkpoint"))
+    return found
+
+
 def _model_problems(cfg: ModelConfig, path: str) -> list[Problem]:
+    if is_import_path(cfg.arch):
+        return _user_code_problems(cfg, path) + _checkpoint_problems(cfg, path)
     found = _name_problem(MODELS, cfg.arch, f"{path}.arch")
     if found:
         return found + _checkpoint_problems(cfg, path)
@@ -207,6 +228,10 @@ def meta_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
     Options the factory does not take are left out (they are reported by name), so that
     layer paths are still checked against the architecture.
     """
+    if is_import_path(cfg.arch):  # the class count is checked when the data is known
+        with torch.device("meta"):
+            return build_user_model(cfg.arch, _PLACEHOLDER_CLASSES, in_channels, cfg.kwargs,
+                                    check_width=False)
     factory: Callable[..., nn.Module] = MODELS.get(cfg.arch)
     options = _options(factory)
     kwargs = {k: v for k, v in cfg.kwargs.items() if k in options}
@@ -216,10 +241,15 @@ def meta_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
 
 def _try_meta(cfg: ModelConfig, channels: int, found: list[Problem], path: str
               ) -> nn.Module | None:
-    if cfg.arch not in MODELS:
+    if is_import_path(cfg.arch):
+        if any(p.path.startswith(path) for p in found):
+            return None  # reported already; a build would only repeat it
+    elif cfg.arch not in MODELS:
         return None
     try:
         return meta_model(cfg, channels)
+    except UserCodeError as err:  # the user's callable failed or returned no fitting model
+        found.append(Problem(f"{path}.arch", str(err)))
     except (TypeError, ValueError, RuntimeError) as err:  # right option names, bad values
         found.append(Problem(f"{path}.kwargs", f"{cfg.arch!r} cannot be built with "
                                                f"{cfg.kwargs}: {err}"))
