@@ -306,3 +306,15 @@ def test_prune_bundle_export_reload_identical(project: Callable[..., str], tmp_p
     with torch.no_grad():
         eager = reloaded((pixels - 0.5) / 0.25).numpy()
     np.testing.assert_allclose(onnx_out, eager, atol=1e-4, rtol=1e-3)
+
+
+def test_validate_checks_the_width_when_the_class_count_is_known(
+        project: Callable[..., str]) -> None:
+    mod = project()
+    fits = PipelineConfig(data={"source": "digits"}, student={"model": {"arch": f"{mod}:fixed_ten"}})
+    assert not [p for p in find_problems(fits) if "student" in p.path]
+    wrong = PipelineConfig(data={"source": "torchvision:CIFAR100"},
+                           student={"model": {"arch": f"{mod}:fixed_ten"}})
+    problems = {p.path: p.message for p in find_problems(wrong)}
+    assert (f"'{mod}:fixed_ten' returned a Net with 10 outputs (its classifier 'head') but the "
+            "dataset has 100 classes") in problems["parameters.student.model.arch"]

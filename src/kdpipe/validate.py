@@ -95,13 +95,13 @@ def find_problems(config: PipelineConfig, *, prefix: str = "parameters") -> list
     found: list[Problem] = []
     prefix = f"{prefix}." if prefix else ""  # "" for a config built in Python
     found += _data_problems(config.data, f"{prefix}data")
-    channels = input_channels(config.data)
+    channels, classes = input_channels(config.data), _class_count(config.data)
     models: dict[str, nn.Module | None] = {}
     for role in ("teacher", "student"):
         section = getattr(config, role)
         path = f"{prefix}{role}.model"
         found += _model_problems(section.model, path)
-        models[role] = _try_meta(section.model, channels, found, path)
+        models[role] = _try_meta(section.model, channels, found, path, classes)
         found += _train_problems(section.train, f"{prefix}{role}.train", config.data)
     found += _student_init_problems(config, models, prefix)
     found += _distill_problems(config, models, prefix)
@@ -222,16 +222,18 @@ def _options(factory: Callable[..., nn.Module]) -> list[str]:
     return [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "weights"]
 
 
-def meta_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
+def meta_model(cfg: ModelConfig, in_channels: int, num_classes: int | None = None
+               ) -> nn.Module:
     """``cfg``'s architecture built on the meta device: its module tree, no weights.
 
     Options the factory does not take are left out (they are reported by name), so that
-    layer paths are still checked against the architecture.
+    layer paths are still checked against the architecture. An import-path architecture's
+    output width is checked against ``num_classes`` when it is given.
     """
-    if is_import_path(cfg.arch):  # the class count is checked when the data is known
+    if is_import_path(cfg.arch):
         with torch.device("meta"):
-            return build_user_model(cfg.arch, _PLACEHOLDER_CLASSES, in_channels, cfg.kwargs,
-                                    check_width=False)
+            return build_user_model(cfg.arch, num_classes or _PLACEHOLDER_CLASSES, in_channels,
+                                    cfg.kwargs, check_width=num_classes is not None)
     factory: Callable[..., nn.Module] = MODELS.get(cfg.arch)
     options = _options(factory)
     kwargs = {k: v for k, v in cfg.kwargs.items() if k in options}
@@ -239,15 +241,15 @@ def meta_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
         return factory(_PLACEHOLDER_CLASSES, in_channels, **kwargs)
 
 
-def _try_meta(cfg: ModelConfig, channels: int, found: list[Problem], path: str
-              ) -> nn.Module | None:
+def _try_meta(cfg: ModelConfig, channels: int, found: list[Problem], path: str,
+              classes: int | None = None) -> nn.Module | None:
     if is_import_path(cfg.arch):
         if any(p.path.startswith(path) for p in found):
             return None  # reported already; a build would only repeat it
     elif cfg.arch not in MODELS:
         return None
     try:
-        return meta_model(cfg, channels)
+        return meta_model(cfg, channels, classes)
     except UserCodeError as err:  # the user's callable failed or returned no fitting model
         found.append(Problem(f"{path}.arch", str(err)))
     except (TypeError, ValueError, RuntimeError) as err:  # right option names, bad values
@@ -262,6 +264,16 @@ def input_channels(cfg: DataConfig) -> int:
     if kind in ("digits", "mnist5k", "fashion_mnist") or arg in ("MNIST", "FashionMNIST"):
         return 1
     return 1 if cfg.grayscale else 3
+
+
+_KNOWN_CLASS_COUNTS = {"digits": 10, "mnist5k": 10, "torchvision:MNIST": 10,
+                       "torchvision:FashionMNIST": 10, "torchvision:CIFAR10": 10,
+                       "torchvision:CIFAR100": 100}
+
+
+def _class_count(cfg: DataConfig) -> int | None:
+    """The class count of a built-in source (None for image folders: known once read)."""
+    return _KNOWN_CLASS_COUNTS.get(cfg.source)
 
 
 def _layer_problem(model: nn.Module, layer: str, path: str, role: str) -> list[Problem]:
