@@ -11,6 +11,8 @@ Loading never unpickles anything: :func:`load_bundle` rebuilds the architecture 
 counts and tensor shapes that structural pruning changed), then copies the tensors in
 with a strict ``load_state_dict``. The rebuilt model has the same module types, the
 same shapes and the same bits as the saved one, so its outputs are bit-identical.
+An ``arch`` that is an import path (the user's own class, :mod:`kdpipe.user_code`) is
+imported only when it is trusted: a bundle file alone never chooses code to run.
 
 The layout (:mod:`kdpipe.layout`) is a *diff* against a freshly built architecture:
 what structural pruning changed, so the same architecture can be rebuilt with it.
