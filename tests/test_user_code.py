@@ -318,3 +318,11 @@ def test_validate_checks_the_width_when_the_class_count_is_known(
     problems = {p.path: p.message for p in find_problems(wrong)}
     assert (f"'{mod}:fixed_ten' returned a Net with 10 outputs (its classifier 'head') but the "
             "dataset has 100 classes") in problems["parameters.student.model.arch"]
+
+
+def test_source_digest_follows_the_module_file(project: Callable[..., str], tmp_path: Path) -> None:
+    mod = project()
+    before = user_code.source_digest(f"{mod}:Net")
+    assert len(before) == 64 and before == user_code.source_digest(f"{mod}:Net")
+    (tmp_path / f"{mod}.py").write_text(NET_SOURCE + "\n# width changed\n")
+    assert user_code.source_digest(f"{mod}:Net") != before

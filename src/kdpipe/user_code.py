@@ -26,6 +26,7 @@ the environment for the same reason as the directories.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import inspect
 import os
@@ -40,9 +41,9 @@ from torch import nn
 from kdpipe.model_registry import named_classifier
 
 __all__ = ["CODE_DIRS_ENV", "TRUST_ENV", "UserCodeError", "activate", "add_code_dirs", "build",
-           "call_arguments", "check_model", "check_trusted", "code_dirs", "is_import_path", "is_trusted",
-           "option_names", "project_dirs", "resolve", "split_import_path", "trust",
-           "trusted_paths", "trusting"]
+           "call_arguments", "check_model", "check_trusted", "code_dirs", "is_import_path",
+           "is_trusted", "option_names", "project_dirs", "resolve", "source_digest",
+           "split_import_path", "trust", "trusted_paths", "trusting"]
 
 TRUST_ENV = "KDPIPE_TRUST_CODE"
 """Comma-separated import paths that bundles may import (the process-wide allow-list)."""
@@ -212,6 +213,22 @@ def resolve(path: str, search_dirs: Iterable[str | os.PathLike[str]] | None = No
     if not callable(obj):
         raise UserCodeError(f"{path!r} is a {type(obj).__name__}, not a class or function")
     return obj
+
+
+def source_digest(path: str) -> str:
+    """sha256 of the source file of the module ``path`` names (for cache keys: a changed
+    class must not reuse a model trained with the old one). Imports the module (call it
+    for trusted paths only); the files that module imports are not included.
+
+    Raises:
+        UserCodeError: as :func:`resolve`, or the module has no source file.
+    """
+    resolve(path)  # imports the module (and checks the attribute)
+    module = sys.modules[split_import_path(path)[0]]
+    source = getattr(module, "__file__", None)
+    if not source or not Path(source).is_file():
+        raise UserCodeError(f"module {module.__name__!r} of {path!r} has no source file to hash")
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
 
 
 def option_names(factory: Callable[..., Any]) -> list[str] | None:
