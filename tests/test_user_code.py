@@ -326,3 +326,20 @@ def test_source_digest_follows_the_module_file(project: Callable[..., str], tmp_
     assert len(before) == 64 and before == user_code.source_digest(f"{mod}:Net")
     (tmp_path / f"{mod}.py").write_text(NET_SOURCE + "\n# width changed\n")
     assert user_code.source_digest(f"{mod}:Net") != before
+
+
+@pytest.mark.integration
+def test_ddp_workers_import_and_trust_the_same_code(project: Callable[..., str]) -> None:
+    """Two gloo workers rebuild the user's model from the job's bundles: they inherit the
+    project directories and the allow-list through the environment."""
+    from kdpipe import recipes
+    from kdpipe.config import DataConfig, TeacherConfig, TrainConfig
+    from kdpipe.data import build_dataset_spec
+
+    arch = f"{project()}:Net"
+    dataset = build_dataset_spec(DataConfig(source="digits", batch_size=64))
+    bundle = recipes.train_teacher(dataset, TeacherConfig(
+        model=ModelConfig(arch=arch, kwargs={"width": 4}),
+        train=TrainConfig(epochs=1, lr=0.01, device="cpu", num_processes=2)))
+    assert bundle.spec.arch == arch and type(bundle.model).__name__ == "Net"
+    assert 0.0 <= bundle.spec.extra["metrics"]["test_accuracy"] <= 1.0
