@@ -343,3 +343,20 @@ def test_ddp_workers_import_and_trust_the_same_code(project: Callable[..., str])
         train=TrainConfig(epochs=1, lr=0.01, device="cpu", num_processes=2)))
     assert bundle.spec.arch == arch and type(bundle.model).__name__ == "Net"
     assert 0.0 <= bundle.spec.extra["metrics"]["test_accuracy"] <= 1.0
+
+
+def test_code_that_cannot_run_on_meta_is_validated_on_the_cpu(project: Callable[..., str]) -> None:
+    mod = project(NET_SOURCE + """
+def data_dependent(num_classes, in_channels):
+    width = int(torch.ones(1).sum().item()) * 4   # .item() has no value on the meta device
+    return Net(num_classes, in_channels, width)
+
+def always_fails(num_classes):
+    raise KeyError("no such preset")
+""")
+    ok = PipelineConfig(data={"source": "digits"}, student={"model": {"arch": f"{mod}:data_dependent"}})
+    assert not [p for p in find_problems(ok) if "student" in p.path]
+    bad = PipelineConfig(data={"source": "digits"}, student={"model": {"arch": f"{mod}:always_fails"}})
+    problems = {p.path: p.message for p in find_problems(bad)}
+    assert (f"calling '{mod}:always_fails' with {{'num_classes': 10}} failed: KeyError: "
+            "'no such preset'") in problems["parameters.student.model.arch"]

@@ -308,7 +308,7 @@ def build(path: str, num_classes: int, in_channels: int, kwargs: dict[str, Any] 
     args = call_arguments(path, factory, num_classes, in_channels, dict(kwargs or {}))
     try:
         model = factory(**args)
-    except (TypeError, ValueError, RuntimeError) as err:
+    except Exception as err:  # the user's code may raise anything: name it, keep the cause
         raise UserCodeError(f"calling {path!r} with {args} failed: {type(err).__name__}: "
                             f"{err}") from err
     return check_model(path, model, num_classes if check_width else None)

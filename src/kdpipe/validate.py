@@ -231,14 +231,24 @@ def meta_model(cfg: ModelConfig, in_channels: int, num_classes: int | None = Non
     output width is checked against ``num_classes`` when it is given.
     """
     if is_import_path(cfg.arch):
-        with torch.device("meta"):
-            return build_user_model(cfg.arch, num_classes or _PLACEHOLDER_CLASSES, in_channels,
-                                    cfg.kwargs, check_width=num_classes is not None)
+        return _user_meta_model(cfg, in_channels, num_classes)
     factory: Callable[..., nn.Module] = MODELS.get(cfg.arch)
     options = _options(factory)
     kwargs = {k: v for k, v in cfg.kwargs.items() if k in options}
     with torch.device("meta"):
         return factory(_PLACEHOLDER_CLASSES, in_channels, **kwargs)
+
+
+def _user_meta_model(cfg: ModelConfig, in_channels: int, num_classes: int | None) -> nn.Module:
+    """The user's model on the meta device; on the CPU if its code cannot run on meta."""
+    args = (cfg.arch, num_classes or _PLACEHOLDER_CLASSES, in_channels, cfg.kwargs)
+    try:
+        with torch.device("meta"):
+            return build_user_model(*args, check_width=num_classes is not None)
+    except UserCodeError as err:
+        if err.__cause__ is None:  # it ran and returned the wrong thing: a CPU build agrees
+            raise
+    return build_user_model(*args, check_width=num_classes is not None)  # e.g. .item() in __init__
 
 
 def _try_meta(cfg: ModelConfig, channels: int, found: list[Problem], path: str,
