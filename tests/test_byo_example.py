@@ -93,3 +93,49 @@ def test_unresolvable_import_paths_exit_2_before_anything_runs(
     assert "parameters.student.model.arch: cannot import 'byo_student_models:Student': module " \
            "'byo_student_models' not found" in err
     assert str(project.resolve()) in err and str(ROOT) in err  # the folders searched
+
+
+def test_wrong_output_width_on_an_image_folder_fails_before_any_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_in_process) -> None:
+    """An image folder's class count is known only once it is read: ingest_data checks the
+    user's model against it, so the teacher never trains."""
+    import numpy as np
+    from PIL import Image
+
+    project = _copy_project(tmp_path)
+    (project / "fixed_heads.py").write_text(
+        "from byo_models import DigitNet\n\n\ndef ten_way(in_channels):\n"
+        "    return DigitNet(10, in_channels, width=4)\n")
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "owl"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / name / f"{i}.png")
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    params = config["parameters"]
+    params["data"] = {"source": f"imagefolder:{tmp_path / 'photos'}", "image_size": 8,
+                      "batch_size": 16}
+    params["teacher"]["model"] = {"arch": "cnn_tiny"}
+    params["student"]["model"] = {"arch": "fixed_heads:ten_way"}
+    (project / "folder.yaml").write_text(yaml.safe_dump(config))
+    for var in (user_code.TRUST_ENV, user_code.CODE_DIRS_ENV):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        code, _out, err = run_in_process("--config", str(project / "folder.yaml"),
+                                         "--run-name", "byo-wrong-width")
+    finally:
+        for name in ("byo_models", "fixed_heads"):
+            sys.modules.pop(name, None)
+    assert code == 1, err
+    assert "step 'ingest_data' failed" in err
+    assert "'fixed_heads:ten_way' returned a DigitNet with 10 outputs (its classifier 'head') " \
+           "but the dataset has 3 classes" in err
+
+    from zenml.client import Client
+
+    steps = Client().get_pipeline_run("byo-wrong-width").steps
+    assert "finetune_teacher" not in steps or \
+        str(steps["finetune_teacher"].status.value) != "completed"

@@ -67,10 +67,14 @@ class ConfigProblems(ConfigError):
                          f"{'s' if len(self.problems) != 1 else ''}):\n{lines}")
 
 
-def validate(config: PipelineConfig, *, source: str = "", prefix: str = "parameters"
-             ) -> PipelineConfig:
-    """Return ``config`` unchanged, or raise :class:`ConfigProblems` listing every problem."""
-    problems = find_problems(config, prefix=prefix)
+def validate(config: PipelineConfig, *, source: str = "", prefix: str = "parameters",
+             num_classes: int | None = None) -> PipelineConfig:
+    """Return ``config`` unchanged, or raise :class:`ConfigProblems` listing every problem.
+
+    ``num_classes``: the dataset's class count once it is read (image folders), against
+    which the output width of an import-path model is checked.
+    """
+    problems = find_problems(config, prefix=prefix, num_classes=num_classes)
     if problems:
         raise ConfigProblems(problems, source)
     return config
@@ -90,12 +94,14 @@ def as_model_config(spec: Any) -> ModelConfig:
     return ModelConfig(arch=spec.arch, kwargs=dict(spec.kwargs))
 
 
-def find_problems(config: PipelineConfig, *, prefix: str = "parameters") -> list[Problem]:
+def find_problems(config: PipelineConfig, *, prefix: str = "parameters",
+                  num_classes: int | None = None) -> list[Problem]:
     """Every problem of ``config`` (empty when it is runnable as far as config can tell)."""
     found: list[Problem] = []
     prefix = f"{prefix}." if prefix else ""  # "" for a config built in Python
     found += _data_problems(config.data, f"{prefix}data")
-    channels, classes = input_channels(config.data), _class_count(config.data)
+    channels = input_channels(config.data)
+    classes = num_classes or _class_count(config.data)
     models: dict[str, nn.Module | None] = {}
     for role in ("teacher", "student"):
         section = getattr(config, role)
