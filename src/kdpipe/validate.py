@@ -282,14 +282,15 @@ def input_channels(cfg: DataConfig) -> int:
     return 1 if cfg.grayscale else 3
 
 
-_KNOWN_CLASS_COUNTS = {"digits": 10, "mnist5k": 10, "torchvision:MNIST": 10,
+_KNOWN_CLASS_COUNTS = {"digits": 10, "mnist5k": 10, "fashion_mnist": 10, "torchvision:MNIST": 10,
                        "torchvision:FashionMNIST": 10, "torchvision:CIFAR10": 10,
                        "torchvision:CIFAR100": 100}
 
 
 def _class_count(cfg: DataConfig) -> int | None:
     """The class count of a built-in source (None for image folders: known once read)."""
-    return _KNOWN_CLASS_COUNTS.get(cfg.source)
+    kind = cfg.source.partition(":")[0]
+    return _KNOWN_CLASS_COUNTS.get(cfg.source if kind == "torchvision" else kind)
 
 
 def _layer_problem(model: nn.Module, layer: str, path: str, role: str) -> list[Problem]:
