@@ -13,14 +13,14 @@ are importable without installing anything. The directories are kept in the
 from the CLI's process find the same code.
 
 When code is imported: building by import path (:func:`build`, ``create_model``) imports
-it, since the code or config that asks names it; a bundle file (:func:`kdpipe.bundle.load_bundle`) is data, and
-data must not choose which code runs. An import path is imported for a bundle only when
-it is *trusted*: the running config names it (:func:`activate`, called by the CLI; a
-config given to :func:`kdpipe.build.build_model` trusts its own ``arch``), or it is
-built in this process already (:func:`build` trusts what it imports), or trusted
-explicitly (``load_bundle(..., trust_code=[...])``, :func:`trust`, or the
-``KDPIPE_TRUST_CODE`` environment variable, comma-separated). The allow-list lives in
-the environment for the same reason as the directories.
+it, since the code or config asking for it names it. A bundle file
+(:func:`kdpipe.bundle.load_bundle`) is data, and data must not choose which code runs: a
+bundle's import path is imported only when it is *trusted*: the running config names it
+(:func:`activate`, called by the CLI), a model was built from it in this process
+(:func:`build` trusts what it imports, so ``build_model`` of a config trusts its own
+``arch``), or it is trusted explicitly (``load_bundle(..., trust_code=[...])``,
+:func:`trust`, or the ``KDPIPE_TRUST_CODE`` environment variable, comma-separated). The
+allow-list lives in the environment for the same reason as the directories.
 """
 
 from __future__ import annotations
