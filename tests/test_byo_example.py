@@ -32,6 +32,7 @@ def _copy_project(tmp_path: Path) -> Path:
     return project
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_example_project_distils_its_own_teacher_and_promotes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

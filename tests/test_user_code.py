@@ -328,6 +328,7 @@ def test_source_digest_follows_the_module_file(project: Callable[..., str], tmp_
     assert user_code.source_digest(f"{mod}:Net") != before
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_ddp_workers_import_and_trust_the_same_code(project: Callable[..., str]) -> None:
     """Two gloo workers rebuild the user's model from the job's bundles: they inherit the
