@@ -96,6 +96,7 @@ def test_unresolvable_import_paths_exit_2_before_anything_runs(
     assert str(project.resolve()) in err and str(ROOT) in err  # the folders searched
 
 
+@pytest.mark.integration
 def test_wrong_output_width_on_an_image_folder_fails_before_any_training(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_in_process) -> None:
     """An image folder's class count is known only once it is read: ingest_data checks the
