@@ -14,7 +14,6 @@ import yaml
 
 from kdpipe import user_code
 from kdpipe.bundle import BundleError
-from kdpipe.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "byo_project"
@@ -23,12 +22,6 @@ EXAMPLE = ROOT / "examples" / "byo_project"
 def _copy_project(tmp_path: Path) -> Path:
     project = tmp_path / "byo_project"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
-    if "strip_prefix" not in ModelConfig.model_fields:
-        # Until model.strip_prefix exists (the checkpoint-loading work), the loader drops a
-        # `module.` prefix on every key by itself: run the same config without the key.
-        config = yaml.safe_load((project / "config.yaml").read_text())
-        del config["parameters"]["teacher"]["model"]["strip_prefix"]
-        (project / "config.yaml").write_text(yaml.safe_dump(config))
     return project
 
 
