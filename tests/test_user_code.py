@@ -361,3 +361,12 @@ def always_fails(num_classes):
     problems = {p.path: p.message for p in find_problems(bad)}
     assert (f"calling '{mod}:always_fails' with {{'num_classes': 10}} failed: KeyError: "
             "'no such preset'") in problems["parameters.student.model.arch"]
+
+
+def test_checkpoint_options_are_checked_for_import_paths_too(project: Callable[..., str]) -> None:
+    mod = project()
+    config = PipelineConfig(data={"source": "digits"},
+                            student={"model": {"arch": f"{mod}:Net", "strip_prefix": "module."}})
+    problems = {p.path: p.message for p in find_problems(config)}
+    assert "strip_prefix only applies when loading model.checkpoint" in \
+        problems["parameters.student.model.strip_prefix"]
