@@ -24,6 +24,7 @@ from typing import Any
 from kdpipe.config import ConfigError
 from kdpipe.configfile import load_config, load_predict_config, read_yaml
 from kdpipe.preflight import preflight
+from kdpipe.user_code import activate
 from kdpipe.validate import ConfigProblems, find_problems, find_warnings
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -66,6 +67,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         # Then what the run needs from outside the config (kdpipe.preflight): folders,
         # dataset files, checkpoints, pretrained weights cached or downloadable.
         config = load_config(args.config)
+        activate(config, args.config)  # its own model code: importable from its folder, trusted
         problems = find_problems(config) + preflight(config)
         if problems:
             raise ConfigProblems(problems, args.config)

@@ -10,6 +10,7 @@ from zenml.logger import get_logger
 from kdpipe import tracking
 from kdpipe.config import PipelineConfig
 from kdpipe.data import DatasetSpec, build_dataset_spec
+from kdpipe.validate import validate
 from steps.materializers import DatasetSpecMaterializer
 from steps.tracking_context import mlflow_run
 
@@ -26,6 +27,9 @@ def ingest_data(config: PipelineConfig) -> Annotated[DatasetSpec, "dataset"]:
     run, so it opens the run's MLflow run and logs the whole configuration as params.
     """
     spec = build_dataset_spec(config.data)
+    # The class count is known now: a user model (import path) of the wrong output width
+    # fails here, before any training (for built-in sources the CLI's check found it).
+    validate(config, num_classes=spec.num_classes)
     with mlflow_run(config.tracking):
         tracking.log_params(tracking.flatten_params(config))
         tracking.log_metrics({f"{k}_samples": v for k, v in spec.split_sizes.items()}, "data")

@@ -11,6 +11,8 @@ Loading never unpickles anything: :func:`load_bundle` rebuilds the architecture 
 counts and tensor shapes that structural pruning changed), then copies the tensors in
 with a strict ``load_state_dict``. The rebuilt model has the same module types, the
 same shapes and the same bits as the saved one, so its outputs are bit-identical.
+An ``arch`` that is an import path (the user's own class, :mod:`kdpipe.user_code`) is
+imported only when it is trusted: a bundle file alone never chooses code to run.
 
 The layout (:mod:`kdpipe.layout`) is a *diff* against a freshly built architecture:
 what structural pruning changed, so the same architecture can be rebuilt with it.
@@ -23,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ import kdpipe
 from kdpipe.layout import BundleError, apply_layout, compute_layout
 from kdpipe.models import create_model
 from kdpipe.registry import UnknownNameError
+from kdpipe.user_code import UserCodeError, check_trusted, is_import_path
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -145,7 +149,7 @@ def _weights_bytes(model: nn.Module) -> bytes:
 def _fresh_model(arch: str, num_classes: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return create_model(arch, num_classes, in_channels, **kwargs)
-    except UnknownNameError as err:
+    except (UnknownNameError, UserCodeError) as err:
         raise BundleError(f"cannot rebuild the bundle's model: {err}") from None
 
 
@@ -334,16 +338,26 @@ def _read_weights(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_bundle(directory: str | os.PathLike[str]) -> Bundle:
+def load_bundle(directory: str | os.PathLike[str], *, trust_code: Sequence[str] = ()) -> Bundle:
     """Rebuild the model a bundle directory holds, in eval mode, on the CPU.
+
+    A bundle whose ``arch`` is an import path (the user's own code) is rebuilt only when
+    that path is trusted (:mod:`kdpipe.user_code`: the running config names it, or it is
+    in ``trust_code``); otherwise nothing is imported and a :class:`BundleError` says how.
 
     Raises:
         BundleError: missing files; a pickle payload (refused, never unpickled); truncated
             or corrupt safetensors; a weights hash that differs from the spec; an unknown
-            architecture (the message lists the valid names); weights that do not fit.
+            architecture (the message lists the valid names); an untrusted or unimportable
+            import path; weights that do not fit.
     """
     root = Path(directory)
     spec = _read_spec(root / SPEC_FILE)
+    if is_import_path(spec.arch):
+        try:
+            check_trusted(spec.arch, f"bundle {root}", also=trust_code)
+        except UserCodeError as err:
+            raise BundleError(str(err)) from None
     tensors = _read_weights(root / WEIGHTS_FILE, spec.weights_sha256)
     model = _fresh_model(spec.arch, spec.num_classes, spec.in_channels, spec.kwargs)
     apply_layout(model, spec.layout)

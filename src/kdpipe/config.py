@@ -86,7 +86,8 @@ class DataConfig(_Frozen):
 
 # -------------------------------------------------------------------------- models
 class ModelConfig(_Frozen):
-    """An architecture from the model registry (``kdpipe.models.list_models()``)."""
+    """An architecture from the model registry (``kdpipe.models.list_models()``), or the
+    user's own class / factory by import path (``"my_models:TinyNet"``, kdpipe.user_code)."""
 
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)

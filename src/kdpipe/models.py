@@ -3,7 +3,8 @@
 Every architecture is a factory ``f(num_classes, in_channels=3, **kwargs) -> nn.Module``
 registered in :data:`MODELS` (by :mod:`kdpipe.models_cnn`, :mod:`kdpipe.models_resnet`
 and :mod:`kdpipe.models_tv`, which this module imports); :func:`create_model` builds one
-by name. :func:`kdpipe.build.build_model` builds one from a
+by name, or the user's own class / factory by import path (``"my_models:TinyNet"``,
+:mod:`kdpipe.user_code`). :func:`kdpipe.build.build_model` builds one from a
 :class:`~kdpipe.config.ModelConfig`, applying pretrained weights or a local checkpoint.
 
 All models end in global adaptive average pooling followed by one ``nn.Linear``
@@ -37,7 +38,7 @@ from typing import Any
 from torch import nn
 
 # Imported for their side effect: each registers its architectures in MODELS.
-from kdpipe import models_cnn, models_resnet, models_tv  # noqa: F401
+from kdpipe import models_cnn, models_resnet, models_tv, user_code  # noqa: F401
 from kdpipe.model_registry import (
     MODELS,
     WeightsUnavailableError,
@@ -68,7 +69,10 @@ def create_model(
     """Build a registered architecture.
 
     Args:
-        arch: a name from :func:`list_models`.
+        arch: a name from :func:`list_models`, or an import path ``"package.module:callable"``
+            to the user's own class or factory (:mod:`kdpipe.user_code`: called with
+            ``kwargs``, plus ``num_classes`` / ``in_channels`` where its signature has them;
+            its classifier must have ``num_classes`` outputs).
         num_classes: outputs of the classifier.
         in_channels: input image channels (1 for grayscale).
         weights: pretrained torchvision weights (``tv_*`` models only), e.g. ``"DEFAULT"``.
@@ -79,14 +83,20 @@ def create_model(
 
     Raises:
         UnknownNameError: ``arch`` is not registered (the message lists valid names).
+        UserCodeError: an import path that does not resolve, or builds no fitting model.
         ValueError: bad sizes, or options the architecture does not take.
         WeightsUnavailableError: pretrained weights are needed but cannot be downloaded.
     """
-    factory = MODELS.get(arch)
     if num_classes < 1 or in_channels < 1:
         raise ValueError(
             f"num_classes and in_channels must be >= 1 (got {num_classes}, {in_channels})"
         )
+    if user_code.is_import_path(arch):
+        if weights is not None:
+            raise ValueError(f"model {arch!r} is your own code and has no pretrained weights "
+                             f"(got weights={weights!r}); use model.checkpoint for local weights")
+        return user_code.build(arch, num_classes, in_channels, kwargs)
+    factory = MODELS.get(arch)
     accepted = [
         p.name for p in inspect.signature(factory).parameters.values() if p.kind == p.KEYWORD_ONLY
     ]

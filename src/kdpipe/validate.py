@@ -35,6 +35,8 @@ from kdpipe.prune import IMPORTANCES
 from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 from kdpipe.student_init import layer_mapping_problem
+from kdpipe.user_code import UserCodeError, call_arguments, is_import_path, resolve
+from kdpipe.user_code import build as build_user_model
 
 __all__ = ["ConfigProblems", "Problem", "as_model_config", "find_problems", "find_warnings",
            "input_channels", "meta_model", "validate", "validate_parts"]
@@ -65,10 +67,14 @@ class ConfigProblems(ConfigError):
                          f"{'s' if len(self.problems) != 1 else ''}):\n{lines}")
 
 
-def validate(config: PipelineConfig, *, source: str = "", prefix: str = "parameters"
-             ) -> PipelineConfig:
-    """Return ``config`` unchanged, or raise :class:`ConfigProblems` listing every problem."""
-    problems = find_problems(config, prefix=prefix)
+def validate(config: PipelineConfig, *, source: str = "", prefix: str = "parameters",
+             num_classes: int | None = None) -> PipelineConfig:
+    """Return ``config`` unchanged, or raise :class:`ConfigProblems` listing every problem.
+
+    ``num_classes``: the dataset's class count once it is read (image folders), against
+    which the output width of an import-path model is checked.
+    """
+    problems = find_problems(config, prefix=prefix, num_classes=num_classes)
     if problems:
         raise ConfigProblems(problems, source)
     return config
@@ -88,17 +94,19 @@ def as_model_config(spec: Any) -> ModelConfig:
     return ModelConfig(arch=spec.arch, kwargs=dict(spec.kwargs))
 
 
-def find_problems(config: PipelineConfig, *, prefix: str = "parameters") -> list[Problem]:
+def find_problems(config: PipelineConfig, *, prefix: str = "parameters",
+                  num_classes: int | None = None) -> list[Problem]:
     """Every problem of ``config`` (empty when it is runnable as far as config can tell)."""
     found: list[Problem] = []
     prefix = f"{prefix}." if prefix else ""  # "" for a config built in Python
     found += _data_problems(config.data, f"{prefix}data")
     channels = input_channels(config.data)
+    classes = num_classes or _class_count(config.data)
     chain = _chain(config, prefix)  # teacher, assistants..., student: (key path, section)
     models: list[nn.Module | None] = []
     for path, section in chain:
         found += _model_problems(section.model, f"{path}.model")
-        models.append(_try_meta(section.model, channels, found, f"{path}.model"))
+        models.append(_try_meta(section.model, channels, found, f"{path}.model", classes))
         found += _train_problems(section.train, f"{path}.train", config.data)
     for k in range(1, len(chain)):  # every hop: (its teacher, its pupil)
         found += _init_problems(chain[k - 1], chain[k], models[k - 1], models[k])
@@ -180,7 +188,26 @@ def _train_problems(cfg: TrainConfig, path: str, data: DataConfig) -> list[Probl
 
 
 # ------------------------------------------------------------------------ models
+def _user_code_problems(cfg: ModelConfig, path: str) -> list[Problem]:
+    """An import-path ``arch``: it resolves, and ``kwargs`` fit the callable's signature."""
+    try:
+        factory = resolve(cfg.arch)
+    except UserCodeError as err:
+        return [Problem(f"{path}.arch", str(err))]
+    found = []
+    try:
+        call_arguments(cfg.arch, factory, _PLACEHOLDER_CLASSES, 1, dict(cfg.kwargs))
+    except UserCodeError as err:
+        found.append(Problem(f"{path}.kwargs", str(err)))
+    if cfg.weights is not None:
+        found.append(Problem(f"{path}.weights", f"{cfg.arch!r} is your own code and has no "
+                                                "pretrained weights; use model.checkpoint"))
+    return found
+
+
 def _model_problems(cfg: ModelConfig, path: str) -> list[Problem]:
+    if is_import_path(cfg.arch):
+        return _user_code_problems(cfg, path) + _checkpoint_problems(cfg, path)
     found = _name_problem(MODELS, cfg.arch, f"{path}.arch")
     if found:
         return found + _checkpoint_problems(cfg, path)
@@ -230,12 +257,16 @@ def _options(factory: Callable[..., nn.Module]) -> list[str]:
     return [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "weights"]
 
 
-def meta_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
+def meta_model(cfg: ModelConfig, in_channels: int, num_classes: int | None = None
+               ) -> nn.Module:
     """``cfg``'s architecture built on the meta device: its module tree, no weights.
 
     Options the factory does not take are left out (they are reported by name), so that
-    layer paths are still checked against the architecture.
+    layer paths are still checked against the architecture. An import-path architecture's
+    output width is checked against ``num_classes`` when it is given.
     """
+    if is_import_path(cfg.arch):
+        return _user_meta_model(cfg, in_channels, num_classes)
     factory: Callable[..., nn.Module] = MODELS.get(cfg.arch)
     options = _options(factory)
     kwargs = {k: v for k, v in cfg.kwargs.items() if k in options}
@@ -243,12 +274,29 @@ def meta_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
         return factory(_PLACEHOLDER_CLASSES, in_channels, **kwargs)
 
 
-def _try_meta(cfg: ModelConfig, channels: int, found: list[Problem], path: str
-              ) -> nn.Module | None:
-    if cfg.arch not in MODELS:
+def _user_meta_model(cfg: ModelConfig, in_channels: int, num_classes: int | None) -> nn.Module:
+    """The user's model on the meta device; on the CPU if its code cannot run on meta."""
+    args = (cfg.arch, num_classes or _PLACEHOLDER_CLASSES, in_channels, cfg.kwargs)
+    try:
+        with torch.device("meta"):
+            return build_user_model(*args, check_width=num_classes is not None)
+    except UserCodeError as err:
+        if err.__cause__ is None:  # it ran and returned the wrong thing: a CPU build agrees
+            raise
+    return build_user_model(*args, check_width=num_classes is not None)  # e.g. .item() in __init__
+
+
+def _try_meta(cfg: ModelConfig, channels: int, found: list[Problem], path: str,
+              classes: int | None = None) -> nn.Module | None:
+    if is_import_path(cfg.arch):
+        if any(p.path.startswith(path) for p in found):
+            return None  # reported already; a build would only repeat it
+    elif cfg.arch not in MODELS:
         return None
     try:
-        return meta_model(cfg, channels)
+        return meta_model(cfg, channels, classes)
+    except UserCodeError as err:  # the user's callable failed or returned no fitting model
+        found.append(Problem(f"{path}.arch", str(err)))
     except (TypeError, ValueError, RuntimeError) as err:  # right option names, bad values
         found.append(Problem(f"{path}.kwargs", f"{cfg.arch!r} cannot be built with "
                                                f"{cfg.kwargs}: {err}"))
@@ -261,6 +309,17 @@ def input_channels(cfg: DataConfig) -> int:
     if kind in ("digits", "mnist5k", "fashion_mnist") or arg in ("MNIST", "FashionMNIST"):
         return 1
     return 1 if cfg.grayscale else 3
+
+
+_KNOWN_CLASS_COUNTS = {"digits": 10, "mnist5k": 10, "fashion_mnist": 10, "torchvision:MNIST": 10,
+                       "torchvision:FashionMNIST": 10, "torchvision:CIFAR10": 10,
+                       "torchvision:CIFAR100": 100}
+
+
+def _class_count(cfg: DataConfig) -> int | None:
+    """The class count of a built-in source (None for image folders: known once read)."""
+    kind = cfg.source.partition(":")[0]
+    return _KNOWN_CLASS_COUNTS.get(cfg.source if kind == "torchvision" else kind)
 
 
 def _layer_problem(model: nn.Module, layer: str, path: str, role: str) -> list[Problem]:
