@@ -19,7 +19,7 @@ from kdpipe.uris import check_name_component, check_write_path, local_store_path
 
 __all__ = [
     "ConfigError", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig", "GateConfig",
-    "ModelConfig", "PipelineConfig", "PredictConfig", "PruneConfig", "StudentConfig",
+    "ModelConfig", "PipelineConfig", "PredictConfig", "PruneConfig", "QuantizeConfig", "StudentConfig",
     "TeacherConfig", "TrackingConfig", "TrainConfig", "check_name_component",
     "check_write_path", "local_store_path",
 ]
@@ -266,6 +266,48 @@ class ExportConfig(_Frozen):
     parity_batch_sizes: tuple[int, int] = (1, 16)
 
 
+class QuantizeConfig(_Frozen):
+    """INT8 static quantisation of the exported student with ONNX Runtime (issue 16).
+
+    ``auto`` settings follow the CPU the step runs on (:func:`kdpipe.quantize.default_settings`):
+    QDQ with unsigned activations and signed weights (U8S8) on x86 (weights in 7 bits
+    without VNNI), signed activations (S8S8) on ARM.
+    """
+
+    enabled: bool = False
+    """False keeps the FP32 pipeline unchanged."""
+    format: Literal["auto", "qdq", "qoperator"] = "auto"
+    activation_type: Literal["auto", "uint8", "int8"] = "auto"
+    weight_type: Literal["auto", "int8", "uint8"] = "auto"
+    per_channel: bool = True
+    """One scale per output channel of each weight (more accurate than one per tensor)."""
+    reduce_range: bool | None = None
+    """7-bit weights; None = True on x86 CPUs without VNNI (16-bit saturation), else False."""
+    calibration_size: int = Field(512, ge=1)
+    """Class-balanced sample of the train split whose activations set the ranges."""
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(99.999, gt=90.0, le=100.0)
+    """calibration_method: percentile only: the share of |activations| the range covers."""
+    calibration_seed: int = 0
+    preprocess: bool = True
+    """ONNX Runtime's quant_pre_process (graph optimisation + shape inference) first."""
+    nodes_to_exclude: tuple[str, ...] = ()
+    """Node names (of the pre-processed graph) always kept in FP32."""
+    max_drop: float | None = Field(0.01, ge=0.0)
+    """Accuracy control: if INT8 accuracy is more than this below FP32's, the most sensitive
+    operators are kept in FP32 one by one until it is not. None disables the control."""
+
+    @model_validator(mode="after")
+    def _supported_types(self) -> QuantizeConfig:
+        if self.activation_type == "int8" and self.weight_type == "uint8":
+            raise ValueError("activation_type int8 with weight_type uint8 is not supported by "
+                             "ONNX Runtime; use weight_type int8 (S8S8) or activation_type uint8")
+        if self.calibration_method != "percentile" and "percentile" in self.model_fields_set:
+            raise ValueError(f"percentile only applies to calibration_method: percentile "
+                             f"(got calibration_method: {self.calibration_method})")
+        return self
+
+
 # ---------------------------------------------------------------------------- gate
 class GateConfig(_Frozen):
     """Promotion thresholds; ``None`` disables a check."""
@@ -370,6 +412,7 @@ class PipelineConfig(_Frozen):
     prune: PruneConfig = PruneConfig()
     export: ExportConfig = ExportConfig()
     evaluate: EvalConfig = EvalConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     gate: GateConfig = GateConfig()
     tracking: TrackingConfig = TrackingConfig()
     predict: PredictConfig | None = None

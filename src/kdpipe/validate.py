@@ -32,6 +32,7 @@ from kdpipe.losses import FEATURE_LOSSES, LOGIT_LOSSES
 from kdpipe.models import MODELS, nearest_module_paths
 from kdpipe.optim import OPTIMIZERS, SCHEDULERS
 from kdpipe.prune import IMPORTANCES
+from kdpipe.quantize_calib import calibration_problems, known_class_count, known_train_size
 from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 from kdpipe.student_init import layer_mapping_problem
@@ -104,6 +105,7 @@ def find_problems(config: PipelineConfig, *, prefix: str = "parameters") -> list
     found += _student_init_problems(config, models, prefix)
     found += _distill_problems(config, models, prefix)
     found += _prune_problems(config, models["student"], prefix)
+    found += _quantize_problems(config, prefix)
     return found
 
 
@@ -287,3 +289,14 @@ def _prune_problems(config: PipelineConfig, student: nn.Module | None, prefix: s
         for i, layer in enumerate(cfg.ignored_layers):
             found += _layer_problem(student, layer, f"{path}.ignored_layers[{i}]", "student")
     return found
+
+
+def _quantize_problems(config: PipelineConfig, prefix: str) -> list[Problem]:
+    """The calibration sample against the data's size, where it is known without loading it
+    (bundled and standard sources); other sources are checked when the sample is drawn."""
+    cfg = config.quantize
+    if not cfg.enabled:
+        return []
+    messages = calibration_problems(cfg.calibration_size, known_train_size(config.data),
+                                    known_class_count(config.data))
+    return [Problem(f"{prefix}quantize.calibration_size", m) for m in messages]

@@ -1,0 +1,116 @@
+"""What an INT8 quantisation produced: :class:`QuantizeResult` and its parts.
+
+Computed by :mod:`kdpipe.quantize` (which re-exports these names); JSON-serialisable so
+that a step can hand it on as an artifact and log it, without importing ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["ControlStep", "NodeError", "QuantSettings", "QuantizeError", "QuantizeResult"]
+
+
+class QuantizeError(RuntimeError):
+    """ONNX Runtime's quantiser could not process the model (the operator is named)."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class QuantSettings(_Frozen):
+    """The resolved settings a model was quantised with (no ``auto`` left)."""
+
+    format: str
+    """``qdq`` or ``qoperator``."""
+    activation_type: str
+    """``uint8`` or ``int8``."""
+    weight_type: str
+    per_channel: bool
+    reduce_range: bool
+    calibration_method: str
+    calibration_size: int
+    calibration_seed: int
+    calibration_classes: dict[str, int]
+    """Samples per class in the calibration set (class-balanced)."""
+    percentile: float | None
+    preprocess: bool
+    reason: str
+    """Why these types: the CPU features they were chosen for, or "configured"."""
+
+    @property
+    def short(self) -> str:
+        """e.g. ``QDQ U8S8 per-channel``."""
+        letter = {"uint8": "U8", "int8": "S8"}
+        return (f"{self.format.upper()} {letter[self.activation_type]}"
+                f"{letter[self.weight_type]} {'per-channel' if self.per_channel else 'per-tensor'}")
+
+
+class NodeError(_Frozen):
+    """How much quantising one operator alone changes the logits on calibration data."""
+
+    node: str
+    op_type: str
+    relative_error: float
+    """||logits_int8 - logits_fp32|| / ||logits_fp32|| with only this node quantised."""
+
+
+class ControlStep(_Frozen):
+    """One round of accuracy control: a node kept in FP32 and the accuracy after it."""
+
+    excluded: NodeError
+    accuracy: float
+
+
+class QuantizeResult(_Frozen):
+    """The INT8 file, its identity, settings and accuracy control."""
+
+    path: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    fp32_sha256: str
+    fp32_size_bytes: int
+    settings: QuantSettings
+    nodes_excluded_by_config: list[str]
+    fp32_accuracy: float | None
+    """None when no evaluation was given (no accuracy control)."""
+    int8_accuracy_before_control: float | None
+    int8_accuracy: float | None
+    max_drop: float | None
+    sensitivity: list[NodeError]
+    """Every candidate's measured error, most sensitive first (empty if not needed)."""
+    control_steps: list[ControlStep]
+    """What accuracy control kept in FP32, in order, and why (its measured error)."""
+    within_limit: bool | None
+    """Accuracy drop <= max_drop after control; None without an evaluation or max_drop."""
+    metadata: dict[str, str]
+    """The ONNX file's metadata: the FP32 model's plus the quantisation keys."""
+    warnings: list[str]
+
+    @property
+    def excluded_nodes(self) -> list[str]:
+        """Every node kept in FP32: configured first, then accuracy control's."""
+        return self.nodes_excluded_by_config + [s.excluded.node for s in self.control_steps]
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.fp32_accuracy is None or self.int8_accuracy is None:
+            return None
+        return self.fp32_accuracy - self.int8_accuracy
+
+    def describe(self) -> str:
+        """One line for logs: settings, accuracy, exclusions."""
+        text = f"INT8 {self.settings.short}, {self.size_bytes / 1e6:.2f} MB"
+        if self.accuracy_drop is not None:
+            text += (f"; accuracy {self.int8_accuracy:.4f} vs FP32 {self.fp32_accuracy:.4f} "
+                     f"(drop {self.accuracy_drop:+.4f}")
+            text += f", limit {self.max_drop:g})" if self.max_drop is not None else ")"
+        if self.control_steps:
+            kept = ", ".join(f"{s.excluded.node} ({s.excluded.op_type}, error "
+                             f"{s.excluded.relative_error:.3g})" for s in self.control_steps)
+            text += f"; kept in FP32 by accuracy control: {kept}"
+        if self.within_limit is False:
+            text += "; still above the limit with nothing left to exclude"
+        return text
