@@ -359,6 +359,9 @@ def quantize_model(
             operator is named), or ``nodes_to_exclude`` names unknown nodes.
     """
     fp32, target = Path(fp32_path), Path(out_path)
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise ValueError(f"calibration must be raw pixels (N >= 1, C, H, W); got shape "
+                         f"{calibration.shape}")
     features = features or cpu_features()
     warnings = [w for w in [vnni_warning(features)] if w]
     for text in warnings:  # once, before any work: the gate's latency check decides
@@ -388,4 +391,4 @@ def quantize_model(
 def _class_counts(labels: np.ndarray | None) -> dict[str, int]:
     if labels is None:
         return {}
-    return {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
+    return {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True), strict=True)}

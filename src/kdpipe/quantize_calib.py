@@ -124,8 +124,11 @@ class ArrayReader:
     checks for the method), so this class needs no ONNX Runtime import.
     """
 
-    def __init__(self, input_name: str, pixels: np.ndarray, batch_size: int = 64) -> None:
-        self.input_name, self.pixels, self.batch_size = input_name, pixels, batch_size
+    def __init__(self, input_name: str, pixels: np.ndarray, max_batch: int = 64) -> None:
+        self.input_name, self.pixels = input_name, pixels
+        # Equal batches: ONNX Runtime's histogram calibrators (entropy, percentile) stack
+        # every batch's outputs into one array and fail on a shorter last batch.
+        self.batch_size = max(d for d in range(1, max_batch + 1) if len(pixels) % d == 0)
         self._batches: Iterator[np.ndarray] | None = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
