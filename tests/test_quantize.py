@@ -176,7 +176,8 @@ def test_calibration_size_against_the_data_is_a_config_error(digits) -> None:
         enabled=True, calibration_size=4)))
     assert [p.path for p in small] == ["parameters.quantize.calibration_size"]
     assert "at least 10" in small[0].message
-    assert find_problems(PipelineConfig(data=data, quantize=QuantizeConfig(calibration_size=4))) == []
+    off = QuantizeConfig(calibration_size=4)  # disabled: not checked
+    assert find_problems(PipelineConfig(data=data, quantize=off)) == []
 
 
 # --------------------------------------------------------------- quantised model
@@ -234,7 +235,8 @@ def test_every_offered_setting_runs(cfg, fp32, calibration, test_split, tmp_path
     agree = (_logits(result.path, pixels).argmax(1) == _logits(fp32, pixels).argmax(1)).mean()
     assert agree >= 0.9
     assert result.fp32_accuracy is None and result.within_limit is None  # no evaluation given
-    assert json.loads(result.metadata["quantization"])["calibration_method"] == cfg.calibration_method
+    recorded = json.loads(result.metadata["quantization"])
+    assert recorded["calibration_method"] == cfg.calibration_method
 
 
 # ------------------------------------------------------------- accuracy control
@@ -257,7 +259,8 @@ def test_harmful_calibration_is_caught_and_controlled(fp32, calibration, test_sp
     assert result.accuracy_drop <= 0.01
     errors = [e.relative_error for e in result.sensitivity]
     assert errors == sorted(errors, reverse=True) and all(e > 0 for e in errors)
-    assert [s.excluded for s in result.control_steps] == result.sensitivity[:len(result.control_steps)]
+    steps = result.control_steps
+    assert [s.excluded for s in steps] == result.sensitivity[:len(steps)]
     excluded = json.loads(result.metadata["quantization_excluded"])
     assert [e["node"] for e in excluded] == result.excluded_nodes
     assert all(e["reason"].startswith("accuracy control") and e["relative_error"] > 0
@@ -268,8 +271,8 @@ def test_harmful_calibration_is_caught_and_controlled(fp32, calibration, test_sp
     assert "kept in FP32 by accuracy control" in result.describe()
 
 
-def test_one_class_per_tensor_calibration_is_worse_than_balanced(fp32, calibration, int8,
-                                                                 test_split, tmp_path: Path) -> None:
+def test_one_class_per_tensor_calibration_is_worse_than_balanced(
+        fp32, calibration, int8, test_split, tmp_path: Path) -> None:
     pixels, labels = calibration
     one_class = pixels[labels == 1][:2]
     harmful = quantize_model(fp32, tmp_path / "q.onnx", one_class,

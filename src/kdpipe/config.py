@@ -19,8 +19,8 @@ from kdpipe.uris import check_name_component, check_write_path, local_store_path
 
 __all__ = [
     "ConfigError", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig", "GateConfig",
-    "ModelConfig", "PipelineConfig", "PredictConfig", "PruneConfig", "QuantizeConfig", "StudentConfig",
-    "TeacherConfig", "TrackingConfig", "TrainConfig", "check_name_component",
+    "ModelConfig", "PipelineConfig", "PredictConfig", "PruneConfig", "QuantizeConfig",
+    "StudentConfig", "TeacherConfig", "TrackingConfig", "TrainConfig", "check_name_component",
     "check_write_path", "local_store_path",
 ]
 

@@ -36,7 +36,7 @@ class CpuFeatures:
 
     @property
     def is_arm(self) -> bool:
-        return self.machine.lower() in ("aarch64", "arm64") or self.machine.lower().startswith("arm")
+        return self.machine.lower().startswith(("aarch64", "arm"))
 
     @property
     def has_vnni(self) -> bool:

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kdpipe.config import ConfigError, DataConfig
+
+if TYPE_CHECKING:
+    from kdpipe.data import DatasetSpec
 
 __all__ = ["ArrayReader", "balanced_positions", "calibration_problems", "calibration_sample",
            "known_class_count", "known_train_size"]
@@ -91,7 +95,7 @@ def balanced_positions(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(order[:n])
 
 
-def calibration_sample(spec, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def calibration_sample(spec: DatasetSpec, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A class-balanced sample of the train split, as raw [0, 1] pixels.
 
     Args:
