@@ -94,7 +94,7 @@ def bench_model(label: str, arch: str, shape: tuple[int, int, int], kwargs: dict
         for batch in BATCHES:
             x = np.random.default_rng(batch).random((batch, *shape), dtype=np.float32)
             sessions = {k: _session(p, threads) for k, p in paths.items()}
-            fns = {k: (lambda s=s: s.run(None, {"pixels": x})) for k, s in sessions.items()}
+            fns = {k: (lambda s=s, x=x: s.run(None, {"pixels": x})) for k, s in sessions.items()}
             repeats = args.repeats * 8 if batch == 1 else args.repeats
             p50s = interleaved_rounds(fns, repeats, args.rounds)
             timings[f"t{threads}_b{batch}"] = {
