@@ -132,11 +132,13 @@ def test_warning_only_without_int8_dot_products() -> None:
     assert "latency check decides" in text
 
 
-def test_unsupported_type_pair_and_stray_percentile_are_config_errors() -> None:
+def test_unsupported_type_pair_and_bad_values_are_config_errors() -> None:
     with pytest.raises(pydantic.ValidationError, match="int8 with weight_type uint8"):
         QuantizeConfig(activation_type="int8", weight_type="uint8")
-    with pytest.raises(pydantic.ValidationError, match="percentile only applies"):
-        QuantizeConfig(percentile=99.9)
+    with pytest.raises(pydantic.ValidationError, match="calibration_method"):
+        QuantizeConfig(calibration_method="kl")
+    with pytest.raises(pydantic.ValidationError, match="max_drop"):
+        QuantizeConfig(max_drop=-0.01)
     assert PipelineConfig().quantize.enabled is False  # today's pipeline by default
 
 
@@ -199,6 +201,9 @@ def test_int8_model_agrees_with_fp32(int8, fp32, test_split) -> None:
     assert int8.int8_accuracy == pytest.approx(float((q.argmax(1) == labels).mean()))
     assert int8.fp32_accuracy > 0.85 and int8.accuracy_drop <= 0.01
     assert int8.within_limit is True and int8.control_steps == [] and int8.sensitivity == []
+    summary = int8.summary()
+    assert summary["precision"] == "int8" and summary["quant_activation_type"] == "uint8"
+    assert summary["accuracy_drop"] == int8.accuracy_drop and summary["excluded_nodes"] == ""
 
 
 def test_int8_file_is_quantised_and_carries_fp32_metadata_and_settings(int8, fp32) -> None:
@@ -271,15 +276,27 @@ def test_harmful_calibration_is_caught_and_controlled(fp32, calibration, test_sp
     assert "kept in FP32 by accuracy control" in result.describe()
 
 
-def test_one_class_per_tensor_calibration_is_worse_than_balanced(
+def test_one_class_calibration_drops_accuracy_and_control_catches_it(
         fp32, calibration, int8, test_split, tmp_path: Path) -> None:
+    """The issue's harmful setting: per-tensor weights calibrated on one image of one class.
+    The worst class's drop is above the limit; accuracy control brings it back within."""
     pixels, labels = calibration
-    one_class = pixels[labels == 1][:2]
-    harmful = quantize_model(fp32, tmp_path / "q.onnx", one_class,
-                             QuantizeConfig(per_channel=False), features=VNNI)
-    assert harmful.settings.calibration_size == 512  # no labels given: the configured size
-    good, bad = (_relative_error(p, fp32, test_split[0]) for p in (int8.path, harmful.path))
-    assert bad > 1.5 * good
+    evaluate, fp32_acc = onnx_accuracy(*test_split), int8.fp32_accuracy
+    harmful = QuantizeConfig(per_channel=False, max_drop=None)
+    results = {c: quantize_model(fp32, tmp_path / f"c{c}.onnx", pixels[labels == c][:1], harmful,
+                                 evaluate=evaluate, fp32_accuracy=fp32_acc, features=VNNI)
+               for c in range(10)}
+    worst = max(results, key=lambda c: results[c].accuracy_drop)
+    assert results[worst].accuracy_drop > 0.02 and results[worst].within_limit is None
+    assert results[worst].settings.calibration_size == 512  # no labels given: as configured
+    good, bad = (_relative_error(p, fp32, test_split[0]) for p in (int8.path, results[worst].path))
+    assert bad > 1.5 * good  # logits further from FP32 than the balanced per-channel model's
+    controlled = quantize_model(fp32, tmp_path / "q.onnx", pixels[labels == worst][:1],
+                                harmful.model_copy(update={"max_drop": 0.01}), evaluate=evaluate,
+                                fp32_accuracy=fp32_acc, features=VNNI)
+    assert controlled.int8_accuracy_before_control == results[worst].int8_accuracy
+    assert controlled.control_steps and controlled.within_limit is True
+    assert controlled.accuracy_drop <= 0.01
 
 
 def test_configured_exclusions_are_kept_and_recorded(fp32, calibration, tmp_path: Path) -> None:

@@ -186,7 +186,9 @@ class _Quantiser:
         scale = float(np.linalg.norm(reference)) or 1.0
         found = []
         for node in self.candidates(exclude):
-            err = float(np.linalg.norm(self.logits(self.quantize(only=[node.name])) - reference))
+            alone = self.quantize(only=[node.name])
+            err = float(np.linalg.norm(self.logits(alone) - reference))
+            alone.unlink()  # one file per candidate: do not let a large model fill the disk
             if err > 0.0:  # 0: nothing was quantised for this node on its own
                 found.append(NodeError(node=node.name, op_type=node.op_type,
                                        relative_error=err / scale))

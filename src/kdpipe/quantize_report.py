@@ -100,6 +100,19 @@ class QuantizeResult(_Frozen):
             return None
         return self.fp32_accuracy - self.int8_accuracy
 
+    def summary(self) -> dict[str, str | int | float | bool | None]:
+        """Flat values for experiment trackers (ZenML metadata, MLflow params / metrics)."""
+        s = self.settings
+        return {"precision": "int8", "quant_format": s.format,
+                "quant_activation_type": s.activation_type, "quant_weight_type": s.weight_type,
+                "quant_per_channel": s.per_channel, "quant_reduce_range": s.reduce_range,
+                "calibration_method": s.calibration_method, "calibration_size": s.calibration_size,
+                "int8_onnx_bytes": self.size_bytes, "fp32_onnx_bytes": self.fp32_size_bytes,
+                "fp32_accuracy": self.fp32_accuracy, "int8_accuracy": self.int8_accuracy,
+                "int8_accuracy_before_control": self.int8_accuracy_before_control,
+                "accuracy_drop": self.accuracy_drop, "within_limit": self.within_limit,
+                "excluded_nodes": ",".join(self.excluded_nodes), "int8_sha256": self.sha256}
+
     def describe(self) -> str:
         """One line for logs: settings, accuracy, exclusions."""
         text = f"INT8 {self.settings.short}, {self.size_bytes / 1e6:.2f} MB"
