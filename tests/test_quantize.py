@@ -244,6 +244,27 @@ def test_every_offered_setting_runs(cfg, fp32, calibration, test_split, tmp_path
     assert recorded["calibration_method"] == cfg.calibration_method
 
 
+def test_resnet_with_residual_adds_quantises_close_to_fp32(tmp_path: Path) -> None:
+    """resnet20 (random weights, 3x32x32): convs, residual Adds and the classifier are all
+    quantised; logits stay close to FP32 on inputs other than the calibration ones."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 3).eval()
+    bundle = Bundle.from_model(model, arch="resnet20", classes=[str(i) for i in range(10)],
+                               input_shape=(3, 32, 32), mean=[0.5] * 3, std=[0.25] * 3)
+    fp32 = tmp_path / "resnet20.onnx"
+    export_onnx(bundle, fp32, ExportConfig())
+    rng = np.random.default_rng(0)
+    calibration, pixels = (rng.random((n, 3, 32, 32), dtype=np.float32) for n in (64, 32))
+    result = quantize_model(fp32, tmp_path / "q.onnx", calibration, QuantizeConfig(),
+                            features=VNNI)
+    graph = onnx.load(result.path).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    fed_by_dq = {n.op_type for n in graph.node if dequantized & set(n.input)}
+    assert {"Conv", "Add", "Gemm"} <= fed_by_dq
+    assert _relative_error(result.path, fp32, pixels) < 0.05
+    assert result.size_bytes < 0.5 * result.fp32_size_bytes  # INT8 weights
+
+
 # ------------------------------------------------------------- accuracy control
 def test_harmful_calibration_is_caught_and_controlled(fp32, calibration, test_split,
                                                       tmp_path: Path, caplog) -> None:
