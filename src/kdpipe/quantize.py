@@ -22,12 +22,12 @@ metadata and adds ``precision``, ``quantization`` (settings) and ``quantization_
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
-import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from kdpipe.quantize_report import (
     QuantizeError,
     QuantizeResult,
     QuantSettings,
+    quantiser_failure,
 )
 
 __all__ = ["ControlStep", "NodeError", "QuantSettings", "QuantizeError", "QuantizeResult",
@@ -102,34 +103,6 @@ def resolve_settings(cfg: QuantizeConfig, features: CpuFeatures,
 
 
 # ------------------------------------------------------------------ quantiser
-def _culprit(graph: Any, err: BaseException) -> str:
-    """The operator an ONNX Runtime error is about, as ``OpType (node name)``."""
-    text = str(err)
-    for node in sorted(graph.node, key=lambda n: -len(n.name)):
-        if node.name and node.name in text:
-            return f"{node.op_type} (node {node.name!r})"
-    for node in graph.node:
-        if re.search(rf"\b{re.escape(node.op_type)}\b", text):
-            return f"{node.op_type} (node {node.name!r})"
-    import onnx
-
-    unknown = [n for n in graph.node if not onnx.defs.has(n.op_type, n.domain)]
-    if unknown:  # the usual cause when the message names nothing: an op outside ONNX
-        return (f"{unknown[0].op_type} (node {unknown[0].name!r}, domain "
-                f"{unknown[0].domain!r}: not a standard ONNX operator)")
-    kinds = sorted({n.op_type for n in graph.node})
-    return f"an operator it does not name (the graph's operators: {', '.join(kinds)})"
-
-
-def _failure(stage: str, path: Path, graph: Any, err: BaseException) -> QuantizeError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return QuantizeError(
-        f"ONNX Runtime's {stage} failed on {path.name} at {_culprit(graph, err)}: "
-        f"{type(err).__name__}: {first[:500]}. The FP32 model is unaffected and can still be "
-        "gated; fix: keep that node in FP32 (quantize.nodes_to_exclude), change "
-        "quantize.format / types, or set quantize.enabled: false")
-
-
 @dataclass
 class _Quantiser:
     """One prepared FP32 graph, quantised with fixed settings and cached ranges."""
@@ -140,6 +113,7 @@ class _Quantiser:
     workdir: Path
     graph: Any = field(init=False)
     input_name: str = field(init=False)
+    _files: Iterator[int] = field(init=False, default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         import onnx
@@ -147,12 +121,12 @@ class _Quantiser:
         self.graph = onnx.load(str(self.prepared)).graph
         self.input_name = self.graph.input[0].name
 
-    def quantize(self, *, exclude: list[str] = (), only: list[str] | None = None) -> Path:
+    def quantize(self, *, exclude: Sequence[str] = (), only: list[str] | None = None) -> Path:
         """Quantise (all nodes but ``exclude``, or ``only`` these) to a file in workdir."""
         from onnxruntime import quantization as q
 
         s = self.settings
-        out = self.workdir / f"int8-{len(list(self.workdir.iterdir()))}.onnx"
+        out = self.workdir / f"int8-{next(self._files)}.onnx"
         extra = {"CalibPercentile": s.percentile} if s.percentile is not None else {}
         try:
             q.quantize_static(
@@ -165,7 +139,7 @@ class _Quantiser:
                 calibrate_method=getattr(q.CalibrationMethod, _METHODS[s.calibration_method]),
                 calibration_cache_path=self.workdir / "ranges.json", extra_options=extra)
         except Exception as err:  # ORT raises many types; all mean "cannot quantise this"
-            raise _failure("quantiser", self.prepared, self.graph, err) from err
+            raise quantiser_failure("quantiser", self.prepared, self.graph, err) from err
         return out
 
     def logits(self, path: Path) -> np.ndarray:
@@ -226,7 +200,7 @@ def _prepare(fp32: Path, workdir: Path, preprocess: bool) -> Path:
     try:
         quant_pre_process(str(fp32), str(out))
     except Exception as err:  # optimiser / shape inference errors of many types
-        raise _failure("pre-processing (quant_pre_process)", fp32,
+        raise quantiser_failure("pre-processing (quant_pre_process)", fp32,
                        onnx.load(str(fp32)).graph, err) from err
     return out
 

@@ -1,14 +1,21 @@
 """What an INT8 quantisation produced: :class:`QuantizeResult` and its parts.
 
 Computed by :mod:`kdpipe.quantize` (which re-exports these names); JSON-serialisable so
-that a step can hand it on as an artifact and log it, without importing ONNX Runtime.
+that a step can hand it on as an artifact and log it, without importing ONNX Runtime;
+:func:`quantiser_failure` turns an ONNX Runtime exception into a :class:`QuantizeError`
+that names the operator.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["ControlStep", "NodeError", "QuantSettings", "QuantizeError", "QuantizeResult"]
+__all__ = ["ControlStep", "NodeError", "QuantSettings", "QuantizeError", "QuantizeResult",
+           "quantiser_failure"]
 
 
 class QuantizeError(RuntimeError):
@@ -127,3 +134,33 @@ class QuantizeResult(_Frozen):
         if self.within_limit is False:
             text += "; still above the limit with nothing left to exclude"
         return text
+
+
+# ------------------------------------------------------------------ failures
+def _culprit(graph: Any, err: BaseException) -> str:
+    """The operator an ONNX Runtime error is about, as ``OpType (node name)``."""
+    text = str(err)
+    for node in sorted(graph.node, key=lambda n: -len(n.name)):
+        if node.name and node.name in text:
+            return f"{node.op_type} (node {node.name!r})"
+    for node in graph.node:
+        if re.search(rf"\b{re.escape(node.op_type)}\b", text):
+            return f"{node.op_type} (node {node.name!r})"
+    import onnx
+
+    unknown = [n for n in graph.node if not onnx.defs.has(n.op_type, n.domain)]
+    if unknown:  # the usual cause when the message names nothing: an op outside ONNX
+        return (f"{unknown[0].op_type} (node {unknown[0].name!r}, domain "
+                f"{unknown[0].domain!r}: not a standard ONNX operator)")
+    kinds = sorted({n.op_type for n in graph.node})
+    return f"an operator it does not name (the graph's operators: {', '.join(kinds)})"
+
+
+def quantiser_failure(stage: str, path: Path, graph: Any, err: BaseException) -> QuantizeError:
+    """The error for a failed ONNX Runtime ``stage``, naming the operator it failed on."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return QuantizeError(
+        f"ONNX Runtime's {stage} failed on {path.name} at {_culprit(graph, err)}: "
+        f"{type(err).__name__}: {first[:500]}. The FP32 model is unaffected and can still be "
+        "gated; fix: keep that node in FP32 (quantize.nodes_to_exclude), change "
+        "quantize.format / types, or set quantize.enabled: false")
