@@ -335,7 +335,10 @@ def test_configured_exclusions_are_kept_and_recorded(fp32, calibration, tmp_path
 # --------------------------------------------------------------------- failures
 @pytest.mark.parametrize("preprocess", [True, False])
 def test_quantiser_failure_names_the_operator(fp32, calibration, tmp_path: Path,
-                                              preprocess: bool) -> None:
+                                              preprocess: bool, monkeypatch) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     model = onnx.load(str(fp32))
     first = model.graph.node[0]
     original = first.output[0]
@@ -350,6 +353,7 @@ def test_quantiser_failure_names_the_operator(fp32, calibration, tmp_path: Path,
         quantize_model(bad, out, calibration[0][:8], QuantizeConfig(preprocess=preprocess),
                        features=VNNI)
     assert "FP32 model is unaffected" in str(err.value) and not out.exists()
+    assert list(cwd.iterdir()) == []  # ONNX Runtime's debug files stay in the temporary folder
 
 
 def test_cpu_without_vnni_warns_once(fp32, calibration, tmp_path: Path, caplog) -> None:

@@ -21,6 +21,7 @@ metadata and adds ``precision``, ``quantization`` (settings) and ``quantization_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -198,10 +199,14 @@ def _prepare(fp32: Path, workdir: Path, preprocess: bool) -> Path:
         return fp32
     out = workdir / "prepared.onnx"
     try:
-        quant_pre_process(str(fp32), str(out))
+        # On a failed inference ORT's symbolic_shape_infer.py saves its partial model
+        # ("sym_shape_infer_temp.onnx" + a uuid-named .data file) into the current
+        # directory: let that be the temporary folder, not the caller's.
+        with contextlib.chdir(workdir):
+            quant_pre_process(str(fp32.resolve()), str(out.resolve()))
     except Exception as err:  # optimiser / shape inference errors of many types
         raise quantiser_failure("pre-processing (quant_pre_process)", fp32,
-                       onnx.load(str(fp32)).graph, err) from err
+                                onnx.load(str(fp32)).graph, err) from err
     return out
 
 
