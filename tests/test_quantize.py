@@ -133,8 +133,14 @@ def test_warning_only_without_int8_dot_products() -> None:
 
 
 def test_unsupported_type_pair_and_bad_values_are_config_errors() -> None:
-    with pytest.raises(pydantic.ValidationError, match="int8 with weight_type uint8"):
-        QuantizeConfig(activation_type="int8", weight_type="uint8")
+    s8u8 = QuantizeConfig(enabled=True, activation_type="int8", weight_type="uint8")
+    problems = find_problems(PipelineConfig(data=DataConfig(source="digits"), quantize=s8u8))
+    assert [p.path for p in problems] == ["parameters.quantize.weight_type"]
+    assert "int8 with weight_type uint8 is not supported" in problems[0].message
+    with pytest.raises(ConfigError, match="int8 with weight_type uint8"):
+        resolve_settings(s8u8, VNNI)
+    with pytest.raises(ConfigError, match="int8 with weight_type uint8"):  # auto on ARM: int8
+        resolve_settings(QuantizeConfig(weight_type="uint8"), ARM)
     with pytest.raises(pydantic.ValidationError, match="calibration_method"):
         QuantizeConfig(calibration_method="kl")
     with pytest.raises(pydantic.ValidationError, match="max_drop"):

@@ -267,43 +267,24 @@ class ExportConfig(_Frozen):
 
 
 class QuantizeConfig(_Frozen):
-    """INT8 static quantisation of the exported student with ONNX Runtime (issue 16).
+    """INT8 static quantisation with ONNX Runtime; ``auto`` / None: chosen for the CPU
+    (``kdpipe.quantize.default_types``: QDQ U8S8 on x86, 7-bit weights without VNNI)."""
 
-    ``auto`` settings follow the CPU the step runs on (:func:`kdpipe.quantize.default_settings`):
-    QDQ with unsigned activations and signed weights (U8S8) on x86 (weights in 7 bits
-    without VNNI), signed activations (S8S8) on ARM.
-    """
-
-    enabled: bool = False
-    """False keeps the FP32 pipeline unchanged."""
+    enabled: bool = False  # False keeps the FP32 pipeline unchanged
     format: Literal["auto", "qdq", "qoperator"] = "auto"
     activation_type: Literal["auto", "uint8", "int8"] = "auto"
     weight_type: Literal["auto", "int8", "uint8"] = "auto"
-    per_channel: bool = True
-    """One scale per output channel of each weight (more accurate than one per tensor)."""
-    reduce_range: bool | None = None
-    """7-bit weights; None = True on x86 CPUs without VNNI (16-bit saturation), else False."""
-    calibration_size: int = Field(512, ge=1)
-    """Class-balanced sample of the train split whose activations set the ranges."""
+    per_channel: bool = True  # one weight scale per output channel
+    reduce_range: bool | None = None  # 7-bit weights
+    calibration_size: int = Field(512, ge=1)  # class-balanced sample of the train split
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    percentile: float = Field(99.999, gt=90.0, le=100.0)
-    """The share of |activations| the range covers; used by calibration_method: percentile only."""
+    percentile: float = Field(99.999, gt=90.0, le=100.0)  # calibration_method: percentile
     calibration_seed: int = 0
-    preprocess: bool = True
-    """ONNX Runtime's quant_pre_process (graph optimisation + shape inference) first."""
-    nodes_to_exclude: tuple[str, ...] = ()
-    """Node names (of the pre-processed graph) always kept in FP32."""
+    preprocess: bool = True  # ONNX Runtime's quant_pre_process (optimisation + shapes) first
+    nodes_to_exclude: tuple[str, ...] = ()  # node names of the pre-processed graph kept FP32
     max_drop: float | None = Field(0.01, ge=0.0)
-    """Accuracy control: if INT8 accuracy is more than this below FP32's, the most sensitive
-    operators are kept in FP32 one by one until it is not. None disables the control."""
-
-    @model_validator(mode="after")
-    def _supported_types(self) -> QuantizeConfig:
-        if self.activation_type == "int8" and self.weight_type == "uint8":
-            raise ValueError("activation_type int8 with weight_type uint8 is not supported by "
-                             "ONNX Runtime; use weight_type int8 (S8S8) or activation_type uint8")
-        return self
-
+    """Accuracy control: INT8 more than this below FP32 keeps the most sensitive operators
+    in FP32, one by one, until it is not. None disables it. (Type pairs: kdpipe.validate.)"""
 
 # ---------------------------------------------------------------------------- gate
 class GateConfig(_Frozen):

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe.config import QuantizeConfig
+from kdpipe.config import ConfigError, QuantizeConfig
 from kdpipe.cpu import CpuFeatures, cpu_features
-from kdpipe.quantize_calib import ArrayReader, calibration_sample
+from kdpipe.quantize_calib import ArrayReader, calibration_sample, type_problems
 from kdpipe.quantize_report import (
     ControlStep,
     NodeError,
@@ -91,6 +91,9 @@ def resolve_settings(cfg: QuantizeConfig, features: CpuFeatures,
     auto = default_types(features)
     chosen = {key: auto[key] if getattr(cfg, key) in ("auto", None) else getattr(cfg, key)
               for key in ("format", "activation_type", "weight_type", "reduce_range")}
+    problems = type_problems(chosen["activation_type"], chosen["weight_type"])
+    if problems:
+        raise ConfigError(f"quantize: {problems[0]}")
     configured = [k for k in chosen if getattr(cfg, k) not in ("auto", None)]
     reason = auto["reason"] if not configured else (
         f"configured ({', '.join(configured)}); CPU default: {auto['reason']}")

@@ -1,4 +1,5 @@
-"""Calibration data for INT8 quantisation: a class-balanced sample of the train split.
+"""Calibration data for INT8 quantisation (a class-balanced sample of the train split) and
+the ``quantize`` section's rules that :mod:`kdpipe.validate` applies.
 
 The sample is drawn round-robin over the classes (each class in a seeded random order),
 so every class contributes ``n // classes`` or one more sample, and a class with too few
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from kdpipe.data import DatasetSpec
 
 __all__ = ["ArrayReader", "balanced_positions", "calibration_problems", "calibration_sample",
-           "known_class_count", "known_train_size"]
+           "known_class_count", "known_train_size", "type_problems"]
 
 # (train + val pool, official test) for sources whose size is fixed; None: test split from
 # the pool with data.test_fraction.
@@ -67,6 +68,14 @@ def known_class_count(cfg: DataConfig) -> int | None:
     """The class count of a bundled / standard source, None when it needs the data."""
     known = _known(cfg)
     return None if known is None else known[2]
+
+
+def type_problems(activation_type: str, weight_type: str) -> list[str]:
+    """Why ONNX Runtime cannot quantise with this activation / weight type pair (or [])."""
+    if activation_type == "int8" and weight_type == "uint8":
+        return ["activation_type int8 with weight_type uint8 is not supported by ONNX "
+                "Runtime; use weight_type int8 (S8S8) or activation_type uint8 (U8U8)"]
+    return []
 
 
 def calibration_problems(size: int, train_size: int | None, num_classes: int | None) -> list[str]:

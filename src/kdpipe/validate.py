@@ -32,7 +32,12 @@ from kdpipe.losses import FEATURE_LOSSES, LOGIT_LOSSES
 from kdpipe.models import MODELS, nearest_module_paths
 from kdpipe.optim import OPTIMIZERS, SCHEDULERS
 from kdpipe.prune import IMPORTANCES
-from kdpipe.quantize_calib import calibration_problems, known_class_count, known_train_size
+from kdpipe.quantize_calib import (
+    calibration_problems,
+    known_class_count,
+    known_train_size,
+    type_problems,
+)
 from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 from kdpipe.student_init import layer_mapping_problem
@@ -292,11 +297,14 @@ def _prune_problems(config: PipelineConfig, student: nn.Module | None, prefix: s
 
 
 def _quantize_problems(config: PipelineConfig, prefix: str) -> list[Problem]:
-    """The calibration sample against the data's size, where it is known without loading it
-    (bundled and standard sources); other sources are checked when the sample is drawn."""
-    cfg = config.quantize
+    """Type pairs ONNX Runtime supports, and the calibration sample against the data's size
+    where it is known without loading it (bundled and standard sources); other sources are
+    checked when the sample is drawn."""
+    cfg, path = config.quantize, f"{prefix}quantize"
     if not cfg.enabled:
         return []
+    found = [Problem(f"{path}.weight_type", m)
+             for m in type_problems(cfg.activation_type, cfg.weight_type)]
     messages = calibration_problems(cfg.calibration_size, known_train_size(config.data),
                                     known_class_count(config.data))
-    return [Problem(f"{prefix}quantize.calibration_size", m) for m in messages]
+    return found + [Problem(f"{path}.calibration_size", m) for m in messages]
