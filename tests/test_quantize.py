@@ -326,6 +326,25 @@ def test_one_class_calibration_drops_accuracy_and_control_catches_it(
     assert controlled.accuracy_drop <= 0.01
 
 
+def test_control_stops_when_nothing_is_left_to_exclude(fp32, calibration, tmp_path: Path,
+                                                       caplog) -> None:
+    """An evaluation no INT8 model can satisfy: every measured operator is kept in FP32,
+    the result says it is still above the limit and the log warns (the gate decides)."""
+    def evaluate(path: Path) -> float:  # the caller's accuracy: FP32 perfect, INT8 useless
+        return 1.0 if Path(path) == fp32 else 0.0
+
+    with caplog.at_level(logging.INFO, logger="kdpipe.quantize"):
+        result = quantize_model(fp32, tmp_path / "q.onnx", calibration[0][:32],
+                                QuantizeConfig(), evaluate=evaluate, features=VNNI)
+    assert result.within_limit is False and result.accuracy_drop == 1.0
+    assert len(result.control_steps) == len(result.sensitivity) >= 6  # 5 convs + classifier
+    assert {s.excluded.op_type for s in result.control_steps} == {"Conv", "Gemm"}
+    assert "nothing left to exclude" in result.describe()
+    assert any(r.levelno == logging.WARNING and "nothing left to exclude" in r.getMessage()
+               for r in caplog.records)
+    assert type(result).model_validate_json(result.model_dump_json()) == result  # artifact
+
+
 def test_configured_exclusions_are_kept_and_recorded(fp32, calibration, tmp_path: Path) -> None:
     conv = next(n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv")
     result = quantize_model(fp32, tmp_path / "q.onnx", calibration[0],
