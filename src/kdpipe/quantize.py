@@ -86,8 +86,10 @@ def vnni_warning(features: CpuFeatures) -> str | None:
 
 
 def resolve_settings(cfg: QuantizeConfig, features: CpuFeatures,
-                     class_counts: dict[str, int] | None = None) -> QuantSettings:
-    """The configured settings with every ``auto`` / ``None`` replaced for this CPU."""
+                     class_counts: dict[str, int] | None = None,
+                     calibration_size: int | None = None) -> QuantSettings:
+    """The configured settings with every ``auto`` / ``None`` replaced for this CPU, and
+    the calibration sample actually used (its size and per-class counts, when known)."""
     auto = default_types(features)
     chosen = {key: auto[key] if getattr(cfg, key) in ("auto", None) else getattr(cfg, key)
               for key in ("format", "activation_type", "weight_type", "reduce_range")}
@@ -99,7 +101,8 @@ def resolve_settings(cfg: QuantizeConfig, features: CpuFeatures,
         f"configured ({', '.join(configured)}); CPU default: {auto['reason']}")
     return QuantSettings(
         **chosen, per_channel=cfg.per_channel, calibration_method=cfg.calibration_method,
-        calibration_size=int(sum(class_counts.values())) if class_counts else cfg.calibration_size,
+        calibration_size=calibration_size or sum((class_counts or {}).values())
+        or cfg.calibration_size,
         calibration_seed=cfg.calibration_seed,
         calibration_classes=dict(class_counts or {}), preprocess=cfg.preprocess,
         percentile=cfg.percentile if cfg.calibration_method == "percentile" else None,
@@ -350,7 +353,8 @@ def quantize_model(
     warnings = [w for w in [vnni_warning(features)] if w]
     for text in warnings:  # once, before any work: the gate's latency check decides
         log.warning(text)
-    settings = resolve_settings(cfg, features, _class_counts(calibration_labels))
+    settings = resolve_settings(cfg, features, _class_counts(calibration_labels),
+                                len(calibration))
     configured = list(cfg.nodes_to_exclude)
     with tempfile.TemporaryDirectory(prefix="kdpipe-quant-") as tmp:
         control = _quantize_and_control(fp32, Path(tmp), settings, calibration, cfg,
