@@ -19,8 +19,8 @@ from kdpipe.uris import check_name_component, check_write_path, local_store_path
 
 __all__ = [
     "ConfigError", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig", "GateConfig",
-    "ModelConfig", "PipelineConfig", "PredictConfig", "PruneConfig", "StudentConfig",
-    "TeacherConfig", "TrackingConfig", "TrainConfig", "check_name_component",
+    "ModelConfig", "PipelineConfig", "PredictConfig", "PruneConfig", "QuantizeConfig",
+    "StudentConfig", "TeacherConfig", "TrackingConfig", "TrainConfig", "check_name_component",
     "check_write_path", "local_store_path",
 ]
 
@@ -271,6 +271,26 @@ class ExportConfig(_Frozen):
     parity_batch_sizes: tuple[int, int] = (1, 16)
 
 
+class QuantizeConfig(_Frozen):
+    """INT8 static quantisation with ONNX Runtime; ``auto`` / None: chosen for the CPU
+    (``kdpipe.quantize.default_types``: QDQ U8S8 on x86, 7-bit weights without VNNI)."""
+
+    enabled: bool = False  # False keeps the FP32 pipeline unchanged
+    format: Literal["auto", "qdq", "qoperator"] = "auto"
+    activation_type: Literal["auto", "uint8", "int8"] = "auto"
+    weight_type: Literal["auto", "int8", "uint8"] = "auto"
+    per_channel: bool = True  # one weight scale per output channel
+    reduce_range: bool | None = None  # 7-bit weights
+    calibration_size: int = Field(512, ge=1)  # class-balanced sample of the train split
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(99.999, gt=90.0, le=100.0)  # calibration_method: percentile
+    calibration_seed: int = 0
+    preprocess: bool = True  # ONNX Runtime's quant_pre_process (optimisation + shapes) first
+    nodes_to_exclude: tuple[str, ...] = ()  # node names of the pre-processed graph kept FP32
+    max_drop: float | None = Field(0.01, ge=0.0)
+    """Accuracy control: INT8 more than this below FP32 keeps the most sensitive operators
+    in FP32, one by one, until it is not. None disables it. (Type pairs: kdpipe.validate.)"""
+
 # ---------------------------------------------------------------------------- gate
 class GateConfig(_Frozen):
     """Promotion thresholds; ``None`` disables a check."""
@@ -375,6 +395,7 @@ class PipelineConfig(_Frozen):
     prune: PruneConfig = PruneConfig()
     export: ExportConfig = ExportConfig()
     evaluate: EvalConfig = EvalConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     gate: GateConfig = GateConfig()
     tracking: TrackingConfig = TrackingConfig()
     predict: PredictConfig | None = None

@@ -32,6 +32,12 @@ from kdpipe.losses import FEATURE_LOSSES, LOGIT_LOSSES
 from kdpipe.models import MODELS, nearest_module_paths
 from kdpipe.optim import OPTIMIZERS, SCHEDULERS
 from kdpipe.prune import IMPORTANCES
+from kdpipe.quantize_calib import (
+    calibration_problems,
+    known_class_count,
+    known_train_size,
+    type_problems,
+)
 from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES
 from kdpipe.student_init import layer_mapping_problem
@@ -114,6 +120,7 @@ def find_problems(config: PipelineConfig, *, prefix: str = "parameters",
                                          models[k - 1], models[k], prefix)
     found += _distill_problems(config, prefix)
     found += _prune_problems(config, models[-1], prefix)
+    found += _quantize_problems(config, prefix)
     return found
 
 
@@ -380,3 +387,17 @@ def _prune_problems(config: PipelineConfig, student: nn.Module | None, prefix: s
         for i, layer in enumerate(cfg.ignored_layers):
             found += _layer_problem(student, layer, f"{path}.ignored_layers[{i}]", "student")
     return found
+
+
+def _quantize_problems(config: PipelineConfig, prefix: str) -> list[Problem]:
+    """Type pairs ONNX Runtime supports, and the calibration sample against the data's size
+    where it is known without loading it (bundled and standard sources); other sources are
+    checked when the sample is drawn."""
+    cfg, path = config.quantize, f"{prefix}quantize"
+    if not cfg.enabled:
+        return []
+    found = [Problem(f"{path}.weight_type", m)
+             for m in type_problems(cfg.activation_type, cfg.weight_type)]
+    messages = calibration_problems(cfg.calibration_size, known_train_size(config.data),
+                                    known_class_count(config.data))
+    return found + [Problem(f"{path}.calibration_size", m) for m in messages]
