@@ -170,11 +170,9 @@ class StudentConfig(_Frozen):
     model: ModelConfig = ModelConfig(arch="cnn_small")
     train: TrainConfig = TrainConfig()
     init: Literal["scratch", "teacher_pruned", "teacher_layers"] = "scratch"
-    """``scratch``: random weights. ``teacher_pruned``: the trained teacher itself,
-    structurally pruned down to ``init_target`` of its size (its surviving weights kept;
-    ``model.arch`` must then be the teacher's). ``teacher_layers``: a shallower member of
-    the teacher's family (resnet56 -> resnet20, wrn_40_2 -> wrn_16_2) taking the teacher's
-    stem, head and an evenly spaced selection of its blocks."""
+    """``scratch`` (random), ``teacher_pruned`` (the teacher pruned to ``init_target`` of its
+    size; ``model`` = the teacher's) or ``teacher_layers`` (resnet56 -> resnet20: the
+    teacher's stem, head and evenly spaced blocks); see :mod:`kdpipe.student_init`."""
     init_target: float | None = Field(None, gt=0.0, lt=1.0)
     """teacher_pruned: the fraction of the teacher's params (or MACs) the student keeps."""
     init_metric: Literal["params", "macs"] = "params"
@@ -211,9 +209,8 @@ class DistillConfig(_Frozen):
     teacher_layer: str | None = None
     cache_teacher_logits: bool = True
     assistants: tuple[StudentConfig, ...] = ()
-    """Teacher assistants (Mirzadeh et al. 2020): models between teacher and student, each
-    distilled from the one before (teacher -> assistant 1 -> ... -> student) with this
-    section's loss settings. Empty: the teacher teaches the student directly."""
+    """Teacher assistants (Mirzadeh et al. 2020), each distilled from the model before it
+    (teacher -> assistant 1 -> ... -> student) with this section's losses."""
     """Compute the frozen teacher's logits once when the train split has no augmentation."""
 
     @model_validator(mode="after")

@@ -31,6 +31,7 @@ from kdpipe.sources import (
     TORCHVISION_NAMES,
     DataError,
     fashion_mnist_dirs,
+    known_class_count,
     open_torchvision_split,
 )
 from kdpipe.state_dicts import TORCH_SUFFIXES, load_weights_only
@@ -70,7 +71,7 @@ def _class_count(cfg: DataConfig) -> int | None:
         if not root.is_dir():
             return None
         return sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return 100 if arg == "CIFAR100" else 10
+    return known_class_count(cfg)
 
 
 def _fit_problems(cfg: ModelConfig, data: DataConfig, path: str) -> list[Problem]:

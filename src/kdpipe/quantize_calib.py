@@ -19,56 +19,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kdpipe.config import ConfigError, DataConfig
+from kdpipe.config import ConfigError
+from kdpipe.sources import known_class_count, known_train_size  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from kdpipe.data import DatasetSpec
 
 __all__ = ["ArrayReader", "balanced_positions", "calibration_problems", "calibration_sample",
            "known_class_count", "known_train_size", "type_problems"]
-
-# (train + val pool, official test) for sources whose size is fixed; None: test split from
-# the pool with data.test_fraction.
-_KNOWN_SOURCES: dict[str, tuple[int, int | None, int]] = {
-    # kind or torchvision name: (pool size, official test size or None, classes)
-    "digits": (1797, None, 10),
-    "mnist5k": (5000, None, 10),
-    "fashion_mnist": (60000, 10000, 10),
-    "MNIST": (60000, 10000, 10),
-    "FashionMNIST": (60000, 10000, 10),
-    "CIFAR10": (50000, 10000, 10),
-    "CIFAR100": (50000, 10000, 100),
-}
-
-
-def _known(cfg: DataConfig) -> tuple[int, int | None, int] | None:
-    kind, _, arg = cfg.source.partition(":")
-    return _KNOWN_SOURCES.get(arg if kind == "torchvision" else kind)
-
-
-def known_train_size(cfg: DataConfig) -> int | None:
-    """The train split's size for a bundled / standard source, None when it needs the data.
-
-    Follows scikit-learn's ``train_test_split`` rounding (the held-out part is rounded up),
-    as :func:`kdpipe.data.build_dataset_spec` splits.
-    """
-    known = _known(cfg)
-    if known is None:
-        return None
-    pool, official_test, _ = known
-    if official_test is None:
-        rest = pool - math.ceil(cfg.test_fraction * pool)
-        val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
-    else:
-        rest, val_share = pool, cfg.val_fraction
-    return rest - math.ceil(val_share * rest)
-
-
-def known_class_count(cfg: DataConfig) -> int | None:
-    """The class count of a bundled / standard source, None when it needs the data."""
-    known = _known(cfg)
-    return None if known is None else known[2]
-
 
 def type_problems(activation_type: str, weight_type: str) -> list[str]:
     """Why ONNX Runtime cannot quantise with this activation / weight type pair (or [])."""

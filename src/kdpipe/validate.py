@@ -32,14 +32,9 @@ from kdpipe.losses import FEATURE_LOSSES, LOGIT_LOSSES
 from kdpipe.models import MODELS, nearest_module_paths
 from kdpipe.optim import OPTIMIZERS, SCHEDULERS
 from kdpipe.prune import IMPORTANCES
-from kdpipe.quantize_calib import (
-    calibration_problems,
-    known_class_count,
-    known_train_size,
-    type_problems,
-)
+from kdpipe.quantize_calib import calibration_problems, type_problems
 from kdpipe.registry import Registry
-from kdpipe.sources import SOURCES, TORCHVISION_NAMES
+from kdpipe.sources import SOURCES, TORCHVISION_NAMES, known_class_count, known_train_size
 from kdpipe.student_init import layer_mapping_problem
 from kdpipe.user_code import UserCodeError, call_arguments, is_import_path, resolve
 from kdpipe.user_code import build as build_user_model
@@ -107,7 +102,7 @@ def find_problems(config: PipelineConfig, *, prefix: str = "parameters",
     prefix = f"{prefix}." if prefix else ""  # "" for a config built in Python
     found += _data_problems(config.data, f"{prefix}data")
     channels = input_channels(config.data)
-    classes = num_classes or _class_count(config.data)
+    classes = num_classes or known_class_count(config.data)
     chain = _chain(config, prefix)  # teacher, assistants..., student: (key path, section)
     models: list[nn.Module | None] = []
     for path, section in chain:
@@ -316,17 +311,6 @@ def input_channels(cfg: DataConfig) -> int:
     if kind in ("digits", "mnist5k", "fashion_mnist") or arg in ("MNIST", "FashionMNIST"):
         return 1
     return 1 if cfg.grayscale else 3
-
-
-_KNOWN_CLASS_COUNTS = {"digits": 10, "mnist5k": 10, "fashion_mnist": 10, "torchvision:MNIST": 10,
-                       "torchvision:FashionMNIST": 10, "torchvision:CIFAR10": 10,
-                       "torchvision:CIFAR100": 100}
-
-
-def _class_count(cfg: DataConfig) -> int | None:
-    """The class count of a built-in source (None for image folders: known once read)."""
-    kind = cfg.source.partition(":")[0]
-    return _KNOWN_CLASS_COUNTS.get(cfg.source if kind == "torchvision" else kind)
 
 
 def _layer_problem(model: nn.Module, layer: str, path: str, role: str) -> list[Problem]:
