@@ -31,7 +31,11 @@ from steps.distill_assistant import distill_assistant
 from steps.distill_student import distill_student
 from steps.evaluate_models import evaluate_models
 from steps.export_onnx import export_onnx
-from steps.finetune_teacher import finetune_teacher, production_teacher_version
+from steps.finetune_teacher import (
+    finetune_teacher,
+    onnx_teacher_digest,
+    production_teacher_version,
+)
 from steps.gate_student import gate_student
 from steps.ingest_data import ingest_data
 from steps.promote_student import promote_student
@@ -62,7 +66,8 @@ def distillation_pipeline(
     validate(config)  # at compile time: a bad config fails before any step starts
     dataset = ingest_data(config=config)
     teacher_model = finetune_teacher(dataset=dataset, teacher_cfg=teacher, tracking_cfg=tracking,
-                                     warm_start_version=production_teacher_version(teacher))
+                                     warm_start_version=production_teacher_version(teacher),
+                                     onnx_sha256=onnx_teacher_digest(teacher))
     # Teacher assistants, if any: each learns from the model before it; the last one
     # teaches the student (and its pruning recovery).
     teacher_of_student = teacher_model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -30,6 +31,7 @@ def finetune_teacher(
     teacher_cfg: TeacherConfig,
     tracking_cfg: TrackingConfig,
     warm_start_version: str | None = None,
+    onnx_sha256: str | None = None,
 ) -> Annotated[Bundle, "teacher"]:
     """Train the teacher with cross-entropy (:func:`kdpipe.recipes.train_teacher`).
 
@@ -44,7 +46,14 @@ def finetune_teacher(
     Every epoch is checkpointed (:mod:`steps.checkpoints`): a retry after a transient
     failure, or a re-run after the process was killed, resumes from the last finished
     epoch. Permanent failures are not retried.
+
+    With ``teacher.onnx`` nothing is trained: the file is checked against the dataset and
+    evaluated (:func:`kdpipe.onnx_teacher.onnx_teacher_for`). The pipeline passes the
+    file's sha256 as ``onnx_sha256`` (:func:`onnx_teacher_digest`), so a changed file at
+    the same path is not served from the cache.
     """
+    if teacher_cfg.onnx is not None:
+        return _onnx_teacher(dataset, teacher_cfg, tracking_cfg, onnx_sha256)
     teacher_cfg = _with_production_start(teacher_cfg, warm_start_version)
     identity = {"dataset": dataset.model_dump(mode="json"),
                 "model": model_identity(teacher_cfg.model),
@@ -65,6 +74,31 @@ def finetune_teacher(
     logger.info("teacher %s: test accuracy %.4f", teacher_cfg.model.arch,
                 bundle.spec.extra["metrics"]["test_accuracy"])
     return bundle
+
+
+def _onnx_teacher(dataset: DatasetSpec, teacher_cfg: TeacherConfig, tracking_cfg: TrackingConfig,
+                  onnx_sha256: str | None) -> Bundle:
+    """Validate and evaluate the ONNX teacher (no training, no checkpoint)."""
+    with mlflow_run(tracking_cfg):
+        bundle = recipes.train_teacher(dataset, teacher_cfg)
+        tracking.log_metrics(recipes.bundle_metrics(bundle), "teacher")
+    if onnx_sha256 is not None and onnx_sha256 != bundle.spec.weights_sha256:
+        raise RuntimeError(f"{teacher_cfg.onnx} changed while the run started (sha256 "
+                           f"{bundle.spec.weights_sha256}, {onnx_sha256} at compile time); "
+                           "run the pipeline again")
+    log_metadata(metadata={"onnx_teacher": teacher_cfg.onnx,
+                           "onnx_sha256": bundle.spec.weights_sha256})
+    logger.info("ONNX teacher %s: test accuracy %.4f (not trained: evaluated only)",
+                teacher_cfg.onnx, bundle.spec.extra["metrics"]["test_accuracy"])
+    return bundle
+
+
+def onnx_teacher_digest(teacher_cfg: TeacherConfig) -> str | None:
+    """sha256 of the ``teacher.onnx`` file, read when the pipeline is compiled (a step
+    input, so the cache key follows the file's content); None without an ONNX teacher."""
+    if teacher_cfg.onnx is None or not Path(teacher_cfg.onnx).expanduser().is_file():
+        return None  # a missing file is the step's (and preflight's) error
+    return hashlib.sha256(Path(teacher_cfg.onnx).expanduser().read_bytes()).hexdigest()
 
 
 def production_teacher_version(teacher_cfg: TeacherConfig) -> str | None:

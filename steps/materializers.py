@@ -5,7 +5,8 @@ type               stored as                             visualizations
 =================  ====================================  ==================================
 DatasetSpec        ``dataset_spec.json``                 HTML summary (classes, splits)
 Bundle             ``bundle.json`` + ``weights.safetensors``  training curves, confusion (PNG)
-                   (:func:`kdpipe.bundle.save_bundle`)
+                   (:func:`kdpipe.bundle.save_bundle`); an ONNX
+                   teacher: ``bundle.json`` + ``teacher.onnx``
 ExportResult       the ``.onnx`` file under its own name + ``export.json``  HTML summary
 EvaluationReport   ``evaluation.json``                   HTML table, accuracy vs size /
                                                          latency and confusion (PNG)
@@ -45,6 +46,8 @@ from kdpipe.data import DatasetSpec
 from kdpipe.evaluation import EvaluationReport
 from kdpipe.export import ExportResult
 from kdpipe.gate import GateDecision
+from kdpipe.onnx_teacher import ONNX_FILE as ONNX_TEACHER_FILE
+from kdpipe.onnx_teacher import OnnxTeacherBundle, load_onnx_teacher, save_onnx_teacher
 from kdpipe.promotion import PromotionResult
 
 
@@ -62,7 +65,8 @@ def _pin_import_paths(*classes: type[Any]) -> None:
                 Source(module=cls.__module__, attribute=cls.__name__, type=SourceType.UNKNOWN))
 
 
-_pin_import_paths(DatasetSpec, Bundle, ExportResult, EvaluationReport, GateDecision, PromotionResult)
+_pin_import_paths(DatasetSpec, Bundle, OnnxTeacherBundle, ExportResult, EvaluationReport,
+                  GateDecision, PromotionResult)
 
 _CSS = ("body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}")
@@ -174,24 +178,34 @@ class DatasetSpecMaterializer(_PydanticJsonMaterializer):
 
 # ----------------------------------------------------------------------- bundles
 class BundleMaterializer(_FileMaterializer):
-    """:class:`kdpipe.bundle.Bundle` as a bundle directory (JSON spec + safetensors)."""
+    """:class:`kdpipe.bundle.Bundle` as a bundle directory (JSON spec + safetensors).
+
+    An ONNX teacher (:class:`kdpipe.onnx_teacher.OnnxTeacherBundle`) is stored as its
+    ``bundle.json`` + the graph as ``teacher.onnx`` instead of safetensors."""
 
     ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (Bundle,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
 
+    def _files(self) -> list[str]:
+        is_onnx = fileio.exists(self._path(ONNX_TEACHER_FILE))
+        return [SPEC_FILE, ONNX_TEACHER_FILE if is_onnx else WEIGHTS_FILE]
+
     def load(self, data_type: type[Bundle]) -> Bundle:
         with self.get_temporary_directory(delete_at_exit=True) as tmp:
             local = Path(tmp) / "bundle"
-            self._download([SPEC_FILE, WEIGHTS_FILE], local)
-            return load_bundle(local)
+            names = self._files()
+            self._download(names, local)
+            return load_onnx_teacher(local) if ONNX_TEACHER_FILE in names else load_bundle(local)
 
     def save(self, data: Bundle) -> None:
         with self.get_temporary_directory(delete_at_exit=True) as tmp:
-            self._upload_dir(save_bundle(data, Path(tmp) / "bundle"))
+            save = save_onnx_teacher if isinstance(data, OnnxTeacherBundle) else save_bundle
+            self._upload_dir(save(data, Path(tmp) / "bundle"))
 
     def compute_content_hash(self, data: Bundle) -> str:
-        # The spec holds the weights' sha256, so hashing both files covers the tensors too.
-        return self._hash_files([SPEC_FILE, WEIGHTS_FILE])
+        # The spec holds the weights' (or the graph's) sha256, so hashing both files covers
+        # the tensors too.
+        return self._hash_files(self._files())
 
     def extract_metadata(self, data: Bundle) -> dict[str, MetadataType]:
         spec, extra = data.spec, data.spec.extra

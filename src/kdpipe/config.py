@@ -15,11 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kdpipe.config_inputs import DeclaredPreprocessing, OnnxTeacherSource, Preprocessing
 from kdpipe.uris import check_name_component, check_write_path, local_store_path
 
 __all__ = [
     "ConfigError", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig", "GateConfig",
-    "ModelConfig", "PipelineConfig", "PredictConfig", "PruneConfig", "QuantizeConfig",
+    "ModelConfig", "PipelineConfig", "PredictConfig", "Preprocessing", "PruneConfig", "QuantizeConfig",
     "StudentConfig", "TeacherConfig", "TrackingConfig", "TrainConfig", "check_name_component",
     "check_write_path", "local_store_path",
 ]
@@ -85,7 +86,7 @@ class DataConfig(_Frozen):
 
 
 # -------------------------------------------------------------------------- models
-class ModelConfig(_Frozen):
+class ModelConfig(DeclaredPreprocessing, _Frozen):
     """An architecture from the model registry (``kdpipe.models.list_models()``), or the
     user's own class / factory by import path (``"my_models:TinyNet"``, kdpipe.user_code)."""
 
@@ -223,7 +224,7 @@ class DistillConfig(_Frozen):
         return self
 
 
-class TeacherConfig(_Frozen):
+class TeacherConfig(OnnxTeacherSource, _Frozen):
     model: ModelConfig = ModelConfig(arch="cnn_large")
     train: TrainConfig = TrainConfig()
     init: Literal["scratch", "production"] = "scratch"

@@ -36,6 +36,7 @@ from kdpipe.eval_report import (
     ModelEvaluation,
     ProductionComparison,
 )
+from kdpipe.preprocess import adapted_model
 
 __all__ = [
     "CANDIDATE",
@@ -197,7 +198,7 @@ def _check_logits(name: str, out: np.ndarray, batch: int, num_classes: int) -> N
             f"expected ({batch}, {num_classes}) logits (one per class of the dataset)")
 
 
-def _one_pass(dataset: Any, split: str, bundles: dict[str, Any],
+def _one_pass(dataset: Any, split: str, bundles: dict[str, torch.nn.Module],
               norms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
               onnx_run: Callable[[np.ndarray], np.ndarray],
               prod_run: Callable[[np.ndarray], np.ndarray] | None) -> tuple[dict[str, _Tally], float]:
@@ -211,7 +212,7 @@ def _one_pass(dataset: Any, split: str, bundles: dict[str, Any],
     with torch.inference_mode():
         for x, y, *_ in loader:
             y_np, n = y.numpy(), len(y)
-            outs = {name: b.model(norms[name](x)).float().numpy() for name, b in bundles.items()}
+            outs = {name: m(norms[name](x)).float().numpy() for name, m in bundles.items()}
             outs[CANDIDATE] = onnx_run(x.numpy())
             for name, out in outs.items():
                 _check_logits(name, out, n, k)
@@ -253,23 +254,20 @@ def evaluate_models(
     Raises:
         EvaluationError: the candidate ONNX model is unreadable or not one logit per class.
     """
-    from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
-
     shape, k = tuple(dataset.input_shape), len(dataset.classes)
     bundles = {"teacher": teacher, "student": student, "pruned_student": pruned_student}
     norms = {n: _normalizer(b.spec.mean, b.spec.std) for n, b in bundles.items()}
-    for b in bundles.values():
-        b.model.eval()
+    # Each model behind its declared preprocessing (a teacher trained elsewhere).
+    nets = {n: adapted_model(b).eval() for n, b in bundles.items()}
     onnx_run = _ort_runner(onnx_session(onnx_path), f"the ONNX model {onnx_path}")
     prod_run, prod_status = _open_production(production, production_reason, dataset)
-    tallies, parity = _one_pass(dataset, split, bundles, norms, onnx_run, prod_run)
-    models = {
-        name: tallies[name].result(
-            name, "pytorch", k, params=count_params(b.model), macs=count_macs(b.model, shape),
-            size_bytes=serialized_size_bytes(b.model),
-            latency=_torch_latency(_normalized(b.model, norms[name]), shape, cfg))
-        for name, b in bundles.items()
-    }
+    tallies, parity = _one_pass(dataset, split, nets, norms, onnx_run, prod_run)
+    models = {}
+    for name, net in nets.items():
+        runtime, sizes = _runtime_and_sizes(net, shape)
+        models[name] = tallies[name].result(
+            name, runtime, k, **sizes,
+            latency=_torch_latency(_normalized(net, norms[name]), shape, cfg))
     pruned = models["pruned_student"]
     models[CANDIDATE] = tallies[CANDIDATE].result(
         CANDIDATE, "onnxruntime", k, params=pruned.params, macs=pruned.macs,
@@ -283,6 +281,16 @@ def evaluate_models(
     return EvaluationReport(split=split, classes=list(dataset.classes), input_shape=shape,
                             dataset_fingerprint=dataset.fingerprint, models=models,
                             parity_max_abs_diff=parity, production=prod_status)
+
+
+def _runtime_and_sizes(net: torch.nn.Module, shape: Sequence[int]) -> tuple[str, dict[str, Any]]:
+    """``("pytorch", sizes)``, or ``("onnxruntime", the graph's sizes)`` for an ONNX teacher."""
+    from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
+
+    if hasattr(net, "onnx_stats"):
+        return "onnxruntime", net.onnx_stats()
+    return "pytorch", {"params": count_params(net), "macs": count_macs(net, shape),
+                       "size_bytes": serialized_size_bytes(net)}
 
 
 def _normalized(model: torch.nn.Module, norm: Callable[[torch.Tensor], torch.Tensor]

@@ -60,6 +60,8 @@ def preflight(config: PipelineConfig, *, prefix: str = "parameters",
         path = f"{prefix}.{role}.model"
         model_problems = _model_problems(getattr(config, role).model, path, reachable)
         found += model_problems or _fit_problems(getattr(config, role).model, config.data, path)
+    if config.teacher.onnx is not None:
+        found += _onnx_teacher_problems(config, f"{prefix}.teacher.onnx")
     return found
 
 
@@ -84,6 +86,19 @@ def _fit_problems(cfg: ModelConfig, data: DataConfig, path: str) -> list[Problem
     except (ValueError, OSError) as err:
         return [Problem(f"{path}.checkpoint", str(err))]
     return []
+
+
+def _onnx_teacher_problems(config: PipelineConfig, path: str) -> list[Problem]:
+    """The ONNX teacher file: exists, valid, standard ops, opens in ONNX Runtime, and has
+    the dataset's channel count (the full shape is checked against the dataset by
+    ``finetune_teacher`` before anything else)."""
+    from kdpipe.onnx_teacher import onnx_file_problem
+
+    assert config.teacher.onnx is not None
+    pre = config.teacher.model.preprocessing
+    problem = onnx_file_problem(config.teacher.onnx, input_channels(config.data),
+                                pre.layout if pre is not None else "NCHW")
+    return [] if problem is None else [Problem(path, problem)]
 
 
 def _data_problems(cfg: DataConfig, path: str) -> list[Problem]:

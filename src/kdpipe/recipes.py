@@ -52,6 +52,14 @@ from kdpipe.data import DatasetSpec, make_loader
 from kdpipe.fitting import fit_on_dataset, make_loaders, make_task
 from kdpipe.launch import FitJob, launch_fit
 from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
+from kdpipe.onnx_teacher import OnnxTeacherBundle, onnx_teacher_for
+from kdpipe.preprocess import (
+    PREPROCESSING_KEY,
+    InputTransform,
+    Preprocessed,
+    adapted_model,
+    preprocessing_of,
+)
 from kdpipe.runtime import resolve_device, seed_everything
 from kdpipe.train import Callback, TrainResult, evaluate
 from kdpipe.validate import as_model_config, validate_parts
@@ -86,13 +94,20 @@ def train_teacher(
         The trained teacher with its history and metrics in ``spec.extra``.
     """
     validate_parts(data=dataset.config, teacher=cfg)
+    if cfg.onnx is not None:
+        return onnx_teacher_for(dataset, cfg)
     seed_everything(cfg.train.seed)  # the initial weights follow from the config alone
     model = build_model(cfg.model, dataset.num_classes, dataset.in_channels)
-    result = _fit(model, cfg.model, dataset, cfg.train, callbacks=callbacks,
+    declared = _declared(cfg.model, dataset)
+    trained = model if declared is None else Preprocessed(model, declared)
+    result = _fit(trained, cfg.model, dataset, cfg.train, callbacks=callbacks,
                   checkpoint_dir=checkpoint_dir, desc="teacher")
+    extra: dict[str, Any] = {"best_epoch": result.best_epoch}
+    if declared is not None:
+        extra[PREPROCESSING_KEY] = cfg.model.preprocessing.model_dump(mode="json")
     return _trained_bundle(model, cfg.model, dataset, role="teacher", history=result.history,
                            val_accuracy=result.best_val_accuracy, device=cfg.train.device,
-                           extra={"best_epoch": result.best_epoch})
+                           extra=extra, measured=trained)
 
 
 def distill_student(
@@ -121,7 +136,7 @@ def distill_student(
     Raises:
         ValueError: the teacher was built for other classes or another input shape.
     """
-    validate_parts(data=dataset.config, teacher=TeacherConfig(model=as_model_config(teacher.spec)),
+    validate_parts(data=dataset.config, teacher=_teacher_section(teacher),
                    student=student_cfg, distill=distill_cfg)
     _check_compatible(teacher, dataset)
     seed_everything(student_cfg.train.seed)  # the initial weights follow from the config alone
@@ -186,7 +201,7 @@ def prune_student(
     """
     from kdpipe.prune import prune_model
 
-    validate_parts(data=dataset.config, teacher=TeacherConfig(model=as_model_config(teacher.spec)),
+    validate_parts(data=dataset.config, teacher=_teacher_section(teacher),
                    student=StudentConfig(model=as_model_config(student.spec)),
                    distill=distill_cfg, prune=prune_cfg)
     _check_compatible(teacher, dataset)
@@ -242,6 +257,24 @@ def bundle_metrics(bundle: Bundle) -> dict[str, float | int]:
 
 
 # ---------------------------------------------------------------------- helpers
+def _declared(cfg: ModelConfig, dataset: DatasetSpec) -> InputTransform | None:
+    """The transform in front of a PyTorch teacher that declares its preprocessing."""
+    if cfg.preprocessing is None:
+        return None
+    transform = InputTransform(cfg.preprocessing, dataset.mean, dataset.std)
+    return None if transform.is_identity else transform
+
+
+def _teacher_section(teacher: Bundle) -> TeacherConfig:
+    """The teacher config a bundle stands for (an ONNX teacher's file, or its arch)."""
+    if isinstance(teacher, OnnxTeacherBundle):
+        return TeacherConfig(onnx=str(teacher.spec.extra["onnx"]["file"]),
+                             model=TeacherConfig().model.model_copy(
+                                 update={"preprocessing": preprocessing_of(teacher.spec.extra)}))
+    return TeacherConfig(model=as_model_config(teacher.spec).model_copy(
+        update={"preprocessing": preprocessing_of(teacher.spec.extra)}))
+
+
 def _check_compatible(bundle: Bundle, dataset: DatasetSpec, role: str = "teacher") -> None:
     """Raise ValueError unless ``bundle`` was built for ``dataset``'s classes and input shape."""
     spec = bundle.spec
@@ -280,7 +313,7 @@ def _fit(
     into ``model``; ``loaders`` are then not used (each worker builds its own).
     """
     if not _launches(cfg):
-        task = make_task(None if teacher is None else teacher.model, distill_cfg)
+        task = make_task(None if teacher is None else adapted_model(teacher), distill_cfg)
         return fit_on_dataset(model, task, dataset, cfg, loaders=loaders, callbacks=callbacks,
                               checkpoint_dir=checkpoint_dir, desc=desc)
     job = FitJob(
@@ -355,12 +388,14 @@ def _trained_bundle(
     val_accuracy: float | None,
     device: str = "auto",
     extra: dict[str, Any],
+    measured: nn.Module | None = None,
 ) -> Bundle:
     """A recipe's result: ``model`` in eval mode, measured on the test split, as a bundle
     whose ``spec.extra`` holds its role, history, metrics (``val_accuracy`` when known),
-    test confusion and dataset fingerprint, plus ``extra``."""
+    test confusion and dataset fingerprint, plus ``extra``. ``measured`` is what takes the
+    loader's batches (``model`` behind its declared preprocessing), when not ``model``."""
     model.eval()
-    test = measure(model, dataset, "test", device)
+    test = measure(model if measured is None else measured, dataset, "test", device)
     metrics: dict[str, Any] = {k: test[k] for k in _TEST_METRICS}
     if val_accuracy is not None:  # absent for a student handed on unpruned (no recovery ran)
         metrics["val_accuracy"] = val_accuracy

@@ -36,6 +36,7 @@ from kdpipe.quantize_calib import calibration_problems, type_problems
 from kdpipe.registry import Registry
 from kdpipe.sources import SOURCES, TORCHVISION_NAMES, known_class_count, known_train_size
 from kdpipe.student_init import layer_mapping_problem
+from kdpipe.teacher_checks import teacher_input_problems
 from kdpipe.user_code import UserCodeError, call_arguments, is_import_path, resolve
 from kdpipe.user_code import build as build_user_model
 
@@ -109,6 +110,9 @@ def find_problems(config: PipelineConfig, *, prefix: str = "parameters",
         found += _model_problems(section.model, f"{path}.model")
         models.append(_try_meta(section.model, channels, found, f"{path}.model", classes))
         found += _train_problems(section.train, f"{path}.train", config.data)
+    if config.teacher.onnx is not None:
+        models[0] = None  # teacher.model.arch is not used: no layers or weights to check there
+    found += [Problem(p, m) for p, m in teacher_input_problems(config, chain, prefix)]
     for k in range(1, len(chain)):  # every hop: (its teacher, its pupil)
         found += _init_problems(chain[k - 1], chain[k], models[k - 1], models[k])
         found += _feature_layer_problems(config, chain[k - 1][0], chain[k][0],
