@@ -7,8 +7,9 @@ expect pixels in [0, 255], BGR channels, NHWC layout or its own mean / std
 to exactly that, so the model sees its inputs as in its own training, and
 :class:`Preprocessed` puts the transform in front of a PyTorch model.
 
-The map is one per-channel affine step (undo the dataset's normalisation, scale to the
-value range, apply the model's), then the channel order and the layout. With nothing
+The map is the channel order, then one per-channel affine step (undo the dataset's
+normalisation, scale to the value range, apply the model's mean / std, which are given in
+the model's own channel order), then the layout. With nothing
 declared it is the identity and costs nothing.
 """
 
@@ -57,15 +58,17 @@ class InputTransform(nn.Module):
         channels = len(dataset_mean)
         ds_mean = torch.tensor([float(m) for m in dataset_mean])
         ds_std = torch.tensor([float(s) for s in dataset_std])
+        if p.channel_order == "BGR" and channels != 3:
+            raise ValueError(f"preprocessing.channel_order BGR needs 3-channel data (got "
+                             f"{channels} channel(s)); use RGB")
+        if p.channel_order == "BGR":  # the declared stats are in the model's channel order
+            ds_mean, ds_std = ds_mean.flip(0), ds_std.flip(0)
         vr = float(p.value_range)
         mean = ds_mean * vr if p.mean is None else torch.tensor(p.mean, dtype=torch.float32)
         std = ds_std * vr if p.std is None else torch.tensor(p.std, dtype=torch.float32)
         if len(mean) != channels:
             raise ValueError(f"preprocessing.mean/std have {len(mean)} entries but the data has "
                              f"{channels} channel(s); give one value per channel")
-        if p.channel_order == "BGR" and channels != 3:
-            raise ValueError(f"preprocessing.channel_order BGR needs 3-channel data (got "
-                             f"{channels} channel(s)); use RGB")
         # model input = (raw * vr - mean) / std with raw = x * ds_std + ds_mean
         scale = ds_std * vr / std
         shift = (ds_mean * vr - mean) / std
@@ -81,10 +84,10 @@ class InputTransform(nn.Module):
         return not (self.affine or self.bgr or self.nhwc)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.affine:
-            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
         if self.bgr:
             x = x.flip(1)
+        if self.affine:
+            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
         if self.nhwc:
             x = x.permute(0, 2, 3, 1)
         return x
