@@ -250,3 +250,41 @@ def test_preflight_names_the_file_before_any_step(tmp_path: Path) -> None:
         problems = preflight(cfg, reachable=lambda url: None)
         assert [p.path for p in problems] == ["parameters.teacher.onnx"], problems
         assert text in problems[0].message
+
+
+# ------------------------------------------------------------------ pipeline
+@pytest.mark.slow
+@pytest.mark.integration
+def test_pipeline_with_an_onnx_teacher(tmp_path: Path,
+                                       run_in_process) -> None:  # noqa: ANN001
+    """The smoke pipeline with a helper-built ONNX teacher; a changed file re-runs the step."""
+    import yaml
+    from zenml.client import Client
+
+    name = "kdpipe-test-onnx-teacher"
+    path, _, _ = _helper_graph(tmp_path / "teacher.onnx", seed=1)
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+                          .read_text())
+    data["model"]["name"] = name
+    data["parameters"]["teacher"] = {"onnx": str(path), "onnx_output": "logits"}
+    data["parameters"]["tracking"].update(experiment=name, registered_model=name)
+    data["parameters"]["gate"].update(min_accuracy=None, max_drop_vs_teacher=None,
+                                      min_compression=None)
+    config = tmp_path / "onnx.yaml"
+    config.write_text(yaml.safe_dump(data))
+    runs = {}
+    for run_name in ("onnx-teacher-1", "onnx-teacher-2"):
+        code, out, err = run_in_process("--config", str(config), "--run-name", run_name)
+        assert code == 0, out[-3000:] + err[-3000:]
+        runs[run_name] = Client().get_pipeline_run(run_name)
+        _helper_graph(path, seed=2)  # the same path, other weights: not served from cache
+    first, second = runs["onnx-teacher-1"], runs["onnx-teacher-2"]
+    teacher = first.steps["finetune_teacher"].outputs["teacher"][0].load()
+    assert isinstance(teacher, OnnxTeacherBundle)
+    report = first.steps["evaluate_models"].outputs["evaluation"][0].load()
+    assert report.models["teacher"].runtime == "onnxruntime"
+    assert abs(report.models["teacher"].accuracy
+               - teacher.spec.extra["metrics"]["test_accuracy"]) < 1e-9
+    step2 = second.steps["finetune_teacher"]
+    assert str(getattr(step2.status, "value", step2.status)) == "completed"
+    assert step2.outputs["teacher"][0].load().spec.weights_sha256 != teacher.spec.weights_sha256
