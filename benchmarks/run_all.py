@@ -60,6 +60,8 @@ BENCHMARKS = (
               description="teacher, student alone, KD, KD + features, DKD"),
     Benchmark("pipeline", "bench_pipeline.py", timeout_s=1200,
               description="make run cold and warm, ZenML overhead"),
+    Benchmark("onnx_teacher", "bench_onnx_teacher.py", timeout_s=2400,
+              description="a PyTorch teacher vs its ONNX export distilling the same student"),
 )
 NAMES = tuple(b.name for b in BENCHMARKS)
 
@@ -575,7 +577,7 @@ def render_report(results: dict[str, Any], run_info: dict[str, Any] | None, quic
     def section(name: str, render: Any) -> str:
         status = _status(name, results, run_info)
         title = {"quality": "## 1. Distillation quality", "throughput": "## 2. Training throughput",
-                 "pipeline": "## 4. Pipeline"}[name]
+                 "pipeline": "## 4. Pipeline", "onnx_teacher": "## 5. ONNX teacher"}[name]
         return f"{title}\n\n{status}" if status else render(results[name])
 
     parts = [render_header(results, run_info, quick),
@@ -586,9 +588,39 @@ def render_report(results: dict[str, Any], run_info: dict[str, Any] | None, quic
                               _status("inference", results, run_info), _status("prune", results, run_info)),
              render_prune_accuracy(results.get("prune_accuracy"), _status("prune_accuracy", results, run_info)),
              section("pipeline", render_pipeline),
+             section("onnx_teacher", render_onnx_teacher),
              render_gpu(results.get("gpu")),
              render_repro()]
     return "\n\n".join(parts)
+
+
+def render_onnx_teacher(doc: dict[str, Any]) -> str:
+    """The same teacher as a PyTorch bundle and as ONNX, distilling the same student."""
+    st, r = doc["settings"], doc["results"]
+    goals, runs = r["goals"], r["runs"]
+    rows = [(name, f"{100 * r['teacher_test_accuracy'][key]:.2f}",
+             f"{100 * runs[key][0]['test_accuracy']:.2f}",
+             ", ".join(f"{x['seconds']:.1f}" for x in runs[key]))
+            for name, key in (("PyTorch bundle", "pytorch"), ("ONNX (kdpipe export)", "onnx"))]
+    return "\n".join([
+        "## 5. ONNX teacher", "",
+        f"Teacher `{st['teacher']}` ({st['teacher_epochs']} epochs on {st['source']}) once as a "
+        f"PyTorch bundle, once exported to ONNX (`{st['exporter']}` exporter, declared "
+        "preprocessing: raw [0, 1] pixels) and run by ONNX Runtime; each distils the same student "
+        f"`{st['student']}` ({st['student_epochs']} epochs, same seed and settings, cached teacher "
+        f"logits: {st['cache_teacher_logits']}) in {st['rounds']} interleaved round(s).", "",
+        md_table(["teacher", "teacher test acc. %", "student test acc. %", "distillation s per round"],
+                 rows, "lrrr"), "",
+        f"Goals: student accuracies within 0.1 points — "
+        f"{_verdict(goals['accuracy_within_0.1pp']['met'])} "
+        f"({goals['accuracy_within_0.1pp']['value']:.2f} pp); teacher logits within the parity "
+        f"tolerance {r['logits']['tolerance']:g} on all {r['logits']['samples']} train images — "
+        f"{_verdict(goals['logits_within_tolerance']['met'])} (max abs diff "
+        f"{r['logits']['max_abs_diff']:.1e}, argmax agreement "
+        f"{100 * r['logits']['argmax_agreement']:.2f} %); ONNX teacher's distillation ≤ 1.1× the "
+        f"PyTorch teacher's time — {_verdict(goals['time_ratio_at_most_1.1']['met'])} "
+        f"({goals['time_ratio_at_most_1.1']['value']:.3f}×, median over rounds).", "",
+        _measured(doc)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
