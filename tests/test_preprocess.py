@@ -79,3 +79,41 @@ def test_preprocessed_keeps_the_models_state_and_adapted_model_wraps_only_when_d
     assert adapted_model(SimpleNamespace(model=model, spec=spec)) is model
     spec.extra = {"preprocessing": p.model_dump(mode="json")}
     assert isinstance(adapted_model(SimpleNamespace(model=model, spec=spec)), Preprocessed)
+
+
+def test_a_pytorch_teacher_with_declared_preprocessing_trains_and_teaches_behind_it() -> None:
+    """The teacher trains on its declared input; its bundle records it; distillation and
+    the measured metrics go through the same transform."""
+    from kdpipe import recipes
+    from kdpipe.config import (
+        DataConfig,
+        DistillConfig,
+        PipelineConfig,
+        StudentConfig,
+        TeacherConfig,
+        TrainConfig,
+    )
+    from kdpipe.data import build_dataset_spec, make_loader
+    from kdpipe.train import evaluate
+    from kdpipe.validate import find_problems
+
+    ds = build_dataset_spec(DataConfig(source="digits", batch_size=64))
+    raw255 = Preprocessing(mean=(0.0,), std=(1.0,), value_range=255)
+    fast = TrainConfig(epochs=1, lr=0.01, scheduler="none", device="cpu")
+    teacher = recipes.train_teacher(ds, TeacherConfig(
+        model=ModelConfig(arch="cnn_tiny", preprocessing=raw255), train=fast))
+    assert teacher.spec.extra["preprocessing"] == raw255.model_dump(mode="json")
+    net = adapted_model(teacher)
+    assert isinstance(net, Preprocessed)
+    x, _, _ = next(iter(make_loader(ds, "test", train=False)))
+    raw = x * ds.std[0] + ds.mean[0]
+    torch.testing.assert_close(net.transform(x), raw * 255, rtol=1e-5, atol=1e-3)
+    test_acc = evaluate(net, make_loader(ds, "test", train=False)).accuracy
+    assert abs(teacher.spec.extra["metrics"]["test_accuracy"] - test_acc) < 1e-9
+    student = recipes.distill_student(ds, teacher, StudentConfig(
+        model=ModelConfig(arch="cnn_tiny"), train=fast), DistillConfig())
+    assert student.spec.extra["metrics"]["test_accuracy"] > 0.1  # 10 classes: above chance
+    ddp = PipelineConfig(teacher=TeacherConfig(model=ModelConfig(arch="cnn_tiny",
+                                                                 preprocessing=raw255)),
+                         student=StudentConfig(train=TrainConfig(num_processes=2, device="cpu")))
+    assert [p.path for p in find_problems(ddp)] == ["parameters.student.train.num_processes"]
