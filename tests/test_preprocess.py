@@ -58,9 +58,11 @@ def test_bad_declarations_are_errors() -> None:
         InputTransform(Preprocessing(channel_order="BGR"), (0.5,), (0.2,))
     with pytest.raises(ValueError, match="2 entries but the data has 3"):
         InputTransform(Preprocessing(mean=(0.0, 0.0), std=(1.0, 1.0)), DS_MEAN, DS_STD)
-    with pytest.raises(ValidationError, match="both preprocessing.mean and preprocessing.std"):
+    with pytest.raises(ValidationError, match="give preprocessing.mean and std"):
         Preprocessing(mean=(0.5,))
-    with pytest.raises(ValidationError, match="must be positive"):
+    with pytest.raises(ValidationError, match="one value per channel"):
+        Preprocessing(mean=(0.5, 0.5), std=(0.2,))
+    with pytest.raises(ValidationError, match="greater than 0"):
         Preprocessing(mean=(0.5,), std=(0.0,))
     with pytest.raises(ValidationError, match="value_range"):
         ModelConfig(arch="cnn_tiny", preprocessing={"value_range": 100})

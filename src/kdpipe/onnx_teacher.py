@@ -38,7 +38,7 @@ from kdpipe.preprocess import PREPROCESSING_KEY, InputTransform, model_input_sha
 __all__ = ["ONNX_ARCH", "ONNX_FILE", "OnnxTeacher", "OnnxTeacherBundle", "OnnxTeacherError",
            "is_onnx_teacher_dir", "load_onnx_teacher", "onnx_file_problem", "onnx_teacher_for",
            "open_onnx_teacher",
-           "save_onnx_teacher"]
+           "save_onnx_teacher", "teacher_config_of"]
 
 ONNX_ARCH = "onnx"
 """``spec.arch`` of an ONNX teacher's bundle (no registered architecture has this name)."""
@@ -354,3 +354,17 @@ def onnx_teacher_for(dataset: Any, cfg: TeacherConfig) -> OnnxTeacherBundle:
                "test_loss": test.loss, "params": stats["params"], "size_bytes": stats["size_bytes"]}
     return bundle.with_extra(history=[], metrics=metrics, test_confusion=test.confusion,
                              dataset_fingerprint=dataset.fingerprint)
+
+
+def teacher_config_of(teacher: Bundle) -> TeacherConfig:
+    """The teacher config a teacher bundle stands for (what a recipe validates it as): an
+    ONNX teacher's file, or a PyTorch teacher's architecture; its declared preprocessing."""
+    from kdpipe.preprocess import preprocessing_of
+    from kdpipe.validate import as_model_config
+
+    declared = preprocessing_of(teacher.spec.extra)
+    if isinstance(teacher, OnnxTeacherBundle):
+        model = TeacherConfig().model.model_copy(update={"preprocessing": declared})
+        return TeacherConfig(onnx=str(teacher.spec.extra["onnx"]["file"]), model=model)
+    return TeacherConfig(model=as_model_config(teacher.spec).model_copy(
+        update={"preprocessing": declared}))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from kdpipe.config import Preprocessing
 
 __all__ = ["InputTransform", "Preprocessed", "adapted_model", "model_input_shape",
-           "preprocessing_of"]
+           "preprocessing_of", "with_declared_preprocessing"]
 
 PREPROCESSING_KEY = "preprocessing"
 """Key of a bundle's ``spec.extra`` that holds its model's declared preprocessing."""
@@ -126,3 +126,13 @@ def adapted_model(bundle: Any) -> nn.Module:
         return bundle.model
     transform = InputTransform(preprocessing, bundle.spec.mean, bundle.spec.std)
     return bundle.model if transform.is_identity else Preprocessed(bundle.model, transform)
+
+
+def with_declared_preprocessing(model: nn.Module, preprocessing: Preprocessing | None,
+                                dataset: Any) -> nn.Module:
+    """``model`` behind the transform of its declared preprocessing (``model`` itself when
+    nothing, or the dataset's own normalisation, is declared)."""
+    if preprocessing is None:
+        return model
+    transform = InputTransform(preprocessing, dataset.mean, dataset.std)
+    return model if transform.is_identity else Preprocessed(model, transform)

@@ -52,14 +52,8 @@ from kdpipe.data import DatasetSpec, make_loader
 from kdpipe.fitting import fit_on_dataset, make_loaders, make_task
 from kdpipe.launch import FitJob, launch_fit
 from kdpipe.metrics import count_macs, count_params, serialized_size_bytes
-from kdpipe.onnx_teacher import OnnxTeacherBundle, onnx_teacher_for
-from kdpipe.preprocess import (
-    PREPROCESSING_KEY,
-    InputTransform,
-    Preprocessed,
-    adapted_model,
-    preprocessing_of,
-)
+from kdpipe.onnx_teacher import onnx_teacher_for, teacher_config_of
+from kdpipe.preprocess import PREPROCESSING_KEY, adapted_model, with_declared_preprocessing
 from kdpipe.runtime import resolve_device, seed_everything
 from kdpipe.train import Callback, TrainResult, evaluate
 from kdpipe.validate import as_model_config, validate_parts
@@ -98,12 +92,11 @@ def train_teacher(
         return onnx_teacher_for(dataset, cfg)
     seed_everything(cfg.train.seed)  # the initial weights follow from the config alone
     model = build_model(cfg.model, dataset.num_classes, dataset.in_channels)
-    declared = _declared(cfg.model, dataset)
-    trained = model if declared is None else Preprocessed(model, declared)
+    trained = with_declared_preprocessing(model, cfg.model.preprocessing, dataset)
     result = _fit(trained, cfg.model, dataset, cfg.train, callbacks=callbacks,
                   checkpoint_dir=checkpoint_dir, desc="teacher")
     extra: dict[str, Any] = {"best_epoch": result.best_epoch}
-    if declared is not None:
+    if trained is not model:
         extra[PREPROCESSING_KEY] = cfg.model.preprocessing.model_dump(mode="json")
     return _trained_bundle(model, cfg.model, dataset, role="teacher", history=result.history,
                            val_accuracy=result.best_val_accuracy, device=cfg.train.device,
@@ -136,7 +129,7 @@ def distill_student(
     Raises:
         ValueError: the teacher was built for other classes or another input shape.
     """
-    validate_parts(data=dataset.config, teacher=_teacher_section(teacher),
+    validate_parts(data=dataset.config, teacher=teacher_config_of(teacher),
                    student=student_cfg, distill=distill_cfg)
     _check_compatible(teacher, dataset)
     seed_everything(student_cfg.train.seed)  # the initial weights follow from the config alone
@@ -201,7 +194,7 @@ def prune_student(
     """
     from kdpipe.prune import prune_model
 
-    validate_parts(data=dataset.config, teacher=_teacher_section(teacher),
+    validate_parts(data=dataset.config, teacher=teacher_config_of(teacher),
                    student=StudentConfig(model=as_model_config(student.spec)),
                    distill=distill_cfg, prune=prune_cfg)
     _check_compatible(teacher, dataset)
@@ -257,24 +250,6 @@ def bundle_metrics(bundle: Bundle) -> dict[str, float | int]:
 
 
 # ---------------------------------------------------------------------- helpers
-def _declared(cfg: ModelConfig, dataset: DatasetSpec) -> InputTransform | None:
-    """The transform in front of a PyTorch teacher that declares its preprocessing."""
-    if cfg.preprocessing is None:
-        return None
-    transform = InputTransform(cfg.preprocessing, dataset.mean, dataset.std)
-    return None if transform.is_identity else transform
-
-
-def _teacher_section(teacher: Bundle) -> TeacherConfig:
-    """The teacher config a bundle stands for (an ONNX teacher's file, or its arch)."""
-    if isinstance(teacher, OnnxTeacherBundle):
-        return TeacherConfig(onnx=str(teacher.spec.extra["onnx"]["file"]),
-                             model=TeacherConfig().model.model_copy(
-                                 update={"preprocessing": preprocessing_of(teacher.spec.extra)}))
-    return TeacherConfig(model=as_model_config(teacher.spec).model_copy(
-        update={"preprocessing": preprocessing_of(teacher.spec.extra)}))
-
-
 def _check_compatible(bundle: Bundle, dataset: DatasetSpec, role: str = "teacher") -> None:
     """Raise ValueError unless ``bundle`` was built for ``dataset``'s classes and input shape."""
     spec = bundle.spec
