@@ -234,6 +234,10 @@ def test_config_rules_for_onnx_teachers() -> None:
     assert "warm-start" in found["parameters.teacher.init"]
     assert "parameters.teacher.model.checkpoint" in found
     assert "teacher only" in found["parameters.student.model.preprocessing"]
+    layers = cfg.model_copy(update={"student": StudentConfig(init="teacher_layers"),
+                                    "distill": DistillConfig()})
+    assert "an ONNX teacher has none" in {p.path: p.message for p in find_problems(layers)}[
+        "parameters.student.init"]
     assert not [p for p in find_problems(PipelineConfig(teacher=TeacherConfig(onnx="t.onnx")))]
 
 
