@@ -74,8 +74,12 @@ def _load_graph(data: bytes, source: str) -> Any:
 def _session(data: bytes, source: str) -> Any:
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    # No busy-waiting of ORT's threads after each call: the student's forward and backward
+    # run on the same cores right after the teacher's (ORT spins by default).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises private exception types (Fail, InvalidGraph...)
         raise OnnxTeacherError(f"ONNX Runtime cannot open {source}: {str(err).strip()[:400]}; "
                                "custom or unsupported ops need a standard-op export") from err
