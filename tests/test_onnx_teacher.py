@@ -292,3 +292,22 @@ def test_pipeline_with_an_onnx_teacher(tmp_path: Path,
     step2 = second.steps["finetune_teacher"]
     assert str(getattr(step2.status, "value", step2.status)) == "completed"
     assert step2.outputs["teacher"][0].load().spec.weights_sha256 != teacher.spec.weights_sha256
+
+
+def test_cli_refuses_a_bad_onnx_teacher_before_any_step(tmp_path: Path, run_in_process) -> None:  # noqa: ANN001
+    import yaml
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx")
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+                          .read_text())
+    data["parameters"]["teacher"] = {"onnx": str(junk)}
+    data["parameters"]["distill"]["feature_loss"] = "attention"
+    data["parameters"]["distill"].update(student_layer="features", teacher_layer="features")
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(data))
+    code, out, err = run_in_process("--config", str(config), "--run-name", "onnx-teacher-bad")
+    assert code == 2, out[-2000:] + err[-2000:]
+    text = out + err
+    assert "parameters.teacher.onnx" in text and "junk.onnx is not a valid ONNX model" in text
+    assert "feature losses need a PyTorch teacher" in text
