@@ -239,6 +239,14 @@ def test_config_rules_for_onnx_teachers() -> None:
     assert "an ONNX teacher has none" in {p.path: p.message for p in find_problems(layers)}[
         "parameters.student.init"]
     assert not [p for p in find_problems(PipelineConfig(teacher=TeacherConfig(onnx="t.onnx")))]
+    # With a teacher assistant, the assistant is the ONNX teacher's only pupil: its training
+    # may not use DDP, the student's (taught by the assistant) may.
+    ddp = TrainConfig(num_processes=2, device="cpu")
+    chain = PipelineConfig(teacher=TeacherConfig(onnx="t.onnx"), distill=DistillConfig(
+        assistants=(StudentConfig(model=ModelConfig(arch="cnn_small"), train=ddp),)),
+        student=StudentConfig(model=ModelConfig(arch="cnn_tiny"), train=ddp))
+    assert [p.path for p in find_problems(chain)] == [
+        "parameters.distill.assistants[0].train.num_processes"]
 
 
 def test_preflight_names_the_file_before_any_step(tmp_path: Path) -> None:
