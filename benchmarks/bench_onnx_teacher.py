@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from common import REPO_ROOT, envelope, write_json
 
+from kdpipe.bundle import Bundle
 from kdpipe.config import Preprocessing, TeacherConfig
 from kdpipe.configfile import load_config
 from kdpipe.data import build_dataset_spec, make_loader
@@ -69,6 +70,37 @@ def logit_agreement(a: torch.nn.Module, b: torch.nn.Module, dataset: Any) -> dic
     return {"max_abs_diff": worst, "argmax_agreement": same / n, "samples": n}
 
 
+class NudgedTeacher(torch.nn.Module):
+    """The teacher's logits moved by at most ``eps`` (a deterministic function of them)."""
+
+    def __init__(self, teacher: torch.nn.Module, eps: float) -> None:
+        super().__init__()
+        self.teacher, self.eps = teacher, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.teacher(x)
+        return out + self.eps * torch.sin(1e3 * out)
+
+
+def noise_floor(pt: Any, eps: float, dataset: Any, student_cfg: Any, distill: Any,
+                seeds: Sequence[int]) -> list[dict[str, float]]:
+    """Per seed: the student of the PyTorch teacher as is and with its logits moved by eps.
+
+    How far two students drift apart when their teachers differ only by float rounding,
+    i.e. the floor under any PyTorch-vs-ONNX accuracy comparison of single runs.
+    """
+    nudged = Bundle(NudgedTeacher(pt.model.eval(), eps).eval(), pt.spec)
+    rows = []
+    for seed in seeds:
+        cfg = student_cfg.model_copy(update={"train": student_cfg.train.model_copy(
+            update={"seed": seed})})
+        a, b = (bundle_metrics(distill_student(dataset, t, cfg, distill))["test_accuracy"]
+                for t in (pt, nudged))
+        rows.append({"seed": seed, "as_is": a, "nudged": b, "diff_pp": 100 * abs(a - b)})
+        print(f"noise floor seed {seed}: {rows[-1]}", flush=True)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, export, distil twice per round, write the JSON result."""
     args = parse_args(argv)
@@ -96,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    "cpu_seconds": time.process_time() - cpu,
                                    "test_accuracy": bundle_metrics(student)["test_accuracy"]})
                 print(f"round {r} {name}: {runs[name][-1]}", flush=True)
+    seed = student_cfg.train.seed
+    floor = noise_floor(pt, agreement["max_abs_diff"], dataset, student_cfg, cfg.distill,
+                        [seed] if args.quick else [seed, seed + 1, seed + 2])
     pairs = list(zip(runs["pytorch"], runs["onnx"], strict=True))
     ratios = [o["seconds"] / p["seconds"] for p, o in pairs]
     cpu_ratios = [o["cpu_seconds"] / p["cpu_seconds"] for p, o in pairs]  # every core counts
@@ -106,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "onnx": bundle_metrics(ox)["test_accuracy"]},
         "logits": {**agreement, "tolerance": tol},
         "runs": runs, "time_ratios": ratios, "cpu_time_ratios": cpu_ratios,
+        "noise_floor": {"eps": agreement["max_abs_diff"], "seeds": floor},
         "goals": {
             "accuracy_within_0.1pp": {"value": 100 * abs(acc["onnx"] - acc["pytorch"]),
                                       "met": abs(acc["onnx"] - acc["pytorch"]) <= 0.001 + 1e-12},
