@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH_DIR, REPO_ROOT, RESULTS_DIR, envelope, read_json, usable_cores, write_json
+from render_quantize import TITLE as QUANTIZE_TITLE
+from render_quantize import quantize_headline, render_quantize
 
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 
@@ -54,6 +56,8 @@ BENCHMARKS = (
               quick_args=("--no-sweep", "--repeats", "5", "--rounds", "1"),
               timeout_s=900,
               description="pruned vs unpruned ONNX latency and MACs (bench_prune.py)"),
+    Benchmark("quantize", "bench_quantize.py", timeout_s=900,
+              description="INT8 vs FP32 ONNX Runtime latency per setting, accuracy, graph analysis"),
     Benchmark("prune_accuracy", "prune_accuracy.py", timeout_s=900,
               description="pruned + KD-recovered student vs the unpruned one (3 seeds)"),
     Benchmark("quality", "bench_quality.py", timeout_s=1800,
@@ -565,6 +569,8 @@ def render_headlines(results: dict[str, Any], run_info: dict[str, Any] | None) -
         lines.append(f"- Pipeline (`{results['pipeline']['settings']['config']}`): cold {r['cold']['wall_seconds']:.0f} s, "
                      f"warm {r['warm']['wall_seconds']:.0f} s; ZenML overhead {r['cold']['zenml_overhead_seconds']:.0f} s "
                      f"cold, {r['warm']['zenml_overhead_seconds']:.0f} s warm.")
+    if _status("quantize", results, run_info) is None:
+        lines.append(quantize_headline(results["quantize"]))
     gpu = results.get("gpu")
     if gpu is None or gpu["results"]["device"]["device"] == "cpu":
         lines.append("- GPU: not run here (no GPU on this machine); `benchmarks/gpu.py` is ready.")
@@ -577,7 +583,8 @@ def render_report(results: dict[str, Any], run_info: dict[str, Any] | None, quic
     def section(name: str, render: Any) -> str:
         status = _status(name, results, run_info)
         title = {"quality": "## 1. Distillation quality", "throughput": "## 2. Training throughput",
-                 "pipeline": "## 4. Pipeline", "onnx_teacher": "## 5. ONNX teacher"}[name]
+                 "pipeline": "## 4. Pipeline", "onnx_teacher": "## 5. ONNX teacher",
+                 "quantize": QUANTIZE_TITLE}[name]
         return f"{title}\n\n{status}" if status else render(results[name])
 
     parts = [render_header(results, run_info, quick),
@@ -590,7 +597,8 @@ def render_report(results: dict[str, Any], run_info: dict[str, Any] | None, quic
              section("pipeline", render_pipeline),
              section("onnx_teacher", render_onnx_teacher),
              render_gpu(results.get("gpu")),
-             render_repro()]
+             render_repro(),
+             section("quantize", render_quantize)]
     return "\n\n".join(parts)
 
 
