@@ -43,7 +43,7 @@ import torch
 from bench_prune import trivial_graph
 from common import REPO_ROOT, envelope, load_average, write_json
 from quantize_accuracy import MAX_DROP_GOAL, AccuracyRun, measure_all
-from quantize_graphs import analyse
+from quantize_graphs import analyse, conv_graph
 
 from kdpipe.bundle import Bundle
 from kdpipe.config import ExportConfig, PruneConfig, QuantizeConfig
@@ -63,6 +63,10 @@ SETTINGS = {
     "qop_s8s8": QuantizeConfig(format="qoperator", activation_type="int8", weight_type="int8"),
 }
 """Every format x activation-type pair kdpipe offers, per-channel weights (its default)."""
+FIRST_CONV_FP32 = "+conv1_fp32"
+"""Suffix of the variant that keeps the first convolution in FP32."""
+CONV_SIZE = 14
+"""Spatial size of the conv sweep: the default student's second stage (28 -> 14 -> 7)."""
 SPEEDUP_GOAL = 2.0
 """Issue 16: resnet20's INT8 at kdpipe's default setting >= 2x FP32 at batch 1 and 64."""
 
@@ -134,12 +138,32 @@ def _ratios(fp32: list[float], other: list[float]) -> dict[str, Any]:
             "speedup_per_round": per_round}
 
 
+def first_block(path: str) -> tuple[str, ...]:
+    """The first Conv node and the nodes after it up to the second Conv (its Relu and, in the
+    CNN students, its MaxPool): kept FP32 together, so that the tensor is quantised after the
+    pooling (ONNX Runtime's uint8 MaxPool in NCHW layout is far slower than its FP32 one).
+    The exported graph's node names survive ``quant_pre_process``."""
+    import onnx
+
+    nodes = list(onnx.load(path).graph.node)
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    return tuple(n.name for n in nodes[convs[0]:convs[1]])
+
+
 def quantise_all(fp32: str, shape: tuple[int, int, int], tag: str, work: Path) -> dict[str, str]:
-    """Every SETTINGS variant of one FP32 file (uniform-pixel calibration, no control)."""
+    """Every SETTINGS variant of one FP32 file (uniform-pixel calibration, no control), and
+    the default setting with the first block kept in FP32 (``quantize.nodes_to_exclude``):
+    with 1-3 input channels the first conv's integer kernel is slower (see part 3)."""
     calibration = np.random.default_rng(0).random((64, *shape), dtype=np.float32)
-    return {name: quantize_model(fp32, work / f"{tag}-{name}.onnx", calibration,
-                                 cfg.model_copy(update={"max_drop": None})).path
-            for name, cfg in SETTINGS.items()}
+    out = {name: quantize_model(fp32, work / f"{tag}-{name}.onnx", calibration,
+                                cfg.model_copy(update={"max_drop": None})).path
+           for name, cfg in SETTINGS.items()}
+    default = default_setting()
+    keep = SETTINGS[default].model_copy(update={"max_drop": None,
+                                                "nodes_to_exclude": first_block(fp32)})
+    out[f"{default}{FIRST_CONV_FP32}"] = quantize_model(
+        fp32, work / f"{tag}-{default}-conv1fp32.onnx", calibration, keep).path
+    return out
 
 
 def bench_model(label: str, arch: str, shape: tuple[int, int, int], kwargs: dict[str, Any],
@@ -165,23 +189,46 @@ def bench_model(label: str, arch: str, shape: tuple[int, int, int], kwargs: dict
            "timings": timings}
     if args.analyse:
         default = default_setting()
-        row["analysis"] = analyse({"fp32": paths["fp32"], default: paths[default]}, shape, work,
-                                  calls=args.profile_calls)
+        conv1 = default + FIRST_CONV_FP32
+        row["analysis"] = analyse({"fp32": paths["fp32"], default: paths[default],
+                                   conv1: paths[conv1]}, shape, work, calls=args.profile_calls)
     return row
+
+
+def conv_sweep(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """One 3x3 conv per channel count, FP32 vs the default INT8 setting, 1 thread: from
+    which width on does ONNX Runtime's integer convolution beat its FP32 one?"""
+    default, rows = default_setting(), []
+    for channels in args.conv_channels:
+        shape = (channels, CONV_SIZE, CONV_SIZE)
+        fp32 = conv_graph(work / f"conv{channels}.onnx", channels, CONV_SIZE)
+        calibration = np.random.default_rng(0).random((64, *shape), dtype=np.float32)
+        int8 = quantize_model(fp32, work / f"conv{channels}-int8.onnx", calibration,
+                              SETTINGS[default].model_copy(update={"max_drop": None})).path
+        row: dict[str, Any] = {"channels": channels, "size": CONV_SIZE,
+                               "macs_per_image": 9 * channels * channels * CONV_SIZE ** 2}
+        for batch in BATCHES:
+            x = np.random.default_rng(batch).random((batch, *shape), dtype=np.float32)
+            sessions = {"fp32": _session(fp32, 1), default: _session(int8, 1)}
+            fns = {k: (lambda s=s, x=x: s.run(None, {"pixels": x})) for k, s in sessions.items()}
+            p50s = timed_rounds(fns, args.repeats * 8, args.rounds, args.round_seconds / 2)
+            row[f"t1_b{batch}"] = {k: _ratios(p50s["fp32"], v) for k, v in p50s.items()}
+        rows.append(row)
+    return rows
 
 
 def print_model(row: dict[str, Any], default: str) -> None:
     """The latency table of one model: p50 and same-round speed-up per thread x batch."""
     print(f"\n{row['model']} ({row['arch']}, {row['macs']:,} MACs, channels {row['channels']})")
     keys = list(row["timings"])
-    print(f"  {'setting':16} " + " ".join(f"{k:>22}" for k in keys))
-    for name in ["fp32", *SETTINGS, "one_node_graph"]:
+    print(f"  {'setting':20} " + " ".join(f"{k:>22}" for k in keys))
+    for name in ["fp32", *SETTINGS, default + FIRST_CONV_FP32, "one_node_graph"]:
         cells = " ".join(
             f"{row['timings'][k][name]['p50_ms']:>9.3f} ms {row['timings'][k][name]['speedup']:>5.2f}x"
             f" ({row['timings'][k][name]['speedup_min']:.2f}-{row['timings'][k][name]['speedup_max']:.2f})"
             for k in keys)
         mark = "*" if name == default else " "
-        print(f"  {name + mark:16} {cells}")
+        print(f"  {name + mark:20} {cells}")
     for name, a in row.get("analysis", {}).items():
         g = a["graph"]
         print(f"  ORT-optimised graph {name}: {g['integer_ops']} integer ops, "
@@ -224,6 +271,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "check (e.g. mnist5k:resnet20:2)")
     p.add_argument("--profile-calls", type=int, default=200,
                    help="profiled ORT calls at batch 1 (1/8 of them at batch 64)")
+    p.add_argument("--conv-channels", type=int, nargs="*", default=[16, 32, 64, 128],
+                   help="channel counts of the single-conv sweep (14x14, 1 thread)")
     p.add_argument("--no-analysis", dest="analyse", action="store_false",
                    help="skip the optimised-graph dump and profile")
     p.add_argument("--quick", action="store_true",
@@ -251,8 +300,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_start, cfg, default = load_average(), load_config(args.config), default_setting()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench_model(*m, args=args, work=Path(tmp)) for m in _models(cfg, args.round_to)]
+        convs = conv_sweep(args, Path(tmp))
     for row in rows:
         print_model(row, default)
+    for c in convs:
+        print(f"conv {c['channels']}->{c['channels']} 3x3 at {c['size']}x{c['size']}: INT8 " + ", ".join(
+            f"{k} {c[k][default]['speedup']:.2f}x ({c[k]['fp32']['p50_ms']:.3f} ms FP32)"
+            for k in c if k.startswith("t1_")))
     accuracy = measure_all(args.accuracy, cfg)
     for a in accuracy:
         print(f"{a['source']} {a['arch']}: " + (a["skipped"] if "skipped" in a else
@@ -261,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     features = cpu_features()
     settings = {"config": str(args.config), "threads": args.threads, "repeats": args.repeats,
                 "repeats_b1": args.repeats * 8, "rounds": args.rounds, "quick": args.quick,
-                "round_to": args.round_to, "round_seconds": args.round_seconds,
+                "round_to": args.round_to, "conv_channels": args.conv_channels, "round_seconds": args.round_seconds,
                 "accuracy_runs": [vars(a) for a in args.accuracy],
                 "profile_calls": args.profile_calls, "default_setting": default,
                 "quantize_settings": {k: v.model_dump(mode="json") for k, v in SETTINGS.items()},
@@ -269,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     doc = envelope("quantize", settings, {
         "cpu": {"model": features.model_name, "flags": sorted(features.flags),
                 "vnni": features.has_vnni},
-        "models": rows, "accuracy": accuracy, "goals": goals(rows, accuracy, default),
+        "models": rows, "conv_sweep": convs, "accuracy": accuracy, "goals": goals(rows, accuracy, default),
         "load_average_start": load_start, "load_average_end": load_average()})
     write_json(args.out, doc)
     print(f"\nCPU {features.describe()}; load average start {load_start}, end {load_average()}; "

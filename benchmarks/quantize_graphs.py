@@ -121,12 +121,15 @@ def _summarise(events: list[dict[str, Any]], skip_runs: int) -> dict[str, Any]:
         raise RuntimeError("ONNX Runtime's profile has no model_run events")
     starts = [r["ts"] for r in runs]
     per_run: list[Counter[str]] = [Counter() for _ in runs]
+    per_node: dict[tuple[str, str], list[float]] = {}
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
         i = bisect.bisect_right(starts, e["ts"]) - 1
         if i >= 0 and e["ts"] <= starts[i] + runs[i]["dur"]:
-            per_run[i][e.get("args", {}).get("op_name", "?")] += e["dur"]
+            op = e.get("args", {}).get("op_name", "?")
+            per_run[i][op] += e["dur"]
+            per_node.setdefault((e["name"].removesuffix("_kernel_time"), op), []).append(e["dur"])
     ops = sorted({k for c in per_run for k in c})
     us_by_op = {k: statistics.median(c[k] for c in per_run) for k in ops}
     groups = {g: statistics.median(sum(c[k] for k in c if k in members) for c in per_run)
@@ -140,7 +143,10 @@ def _summarise(events: list[dict[str, Any]], skip_runs: int) -> dict[str, Any]:
     return {"calls": len(runs), "per_call_us": per_call, "ops_us": statistics.median(kernels),
             "outside_ops_us": outside, "us_by_group": groups, "qdq_us": groups["qdq"],
             "qdq_share": groups["qdq"] / per_call if per_call else 0.0,
-            "us_by_op": dict(sorted(us_by_op.items(), key=lambda kv: -kv[1]))}
+            "us_by_op": dict(sorted(us_by_op.items(), key=lambda kv: -kv[1])),
+            # in execution order: the first convolution is the first conv entry
+            "conv_nodes_us": [{"node": n, "op": op, "us": statistics.median(v)}
+                              for (n, op), v in per_node.items() if op in KERNEL_GROUPS["conv"]]}
 
 
 def analyse(paths: dict[str, str], shape: tuple[int, int, int], workdir: Path,
@@ -156,3 +162,22 @@ def analyse(paths: dict[str, str], shape: tuple[int, int, int], workdir: Path,
             prof[f"b{batch}"] = profile(path, x, threads, calls if batch == 1 else max(calls // 8, 10))
         out[name] = {"graph": graph, "profile": prof}
     return out
+
+
+def conv_graph(path: Path, channels: int, size: int, seed: int = 0) -> str:
+    """One 3x3 Conv (``channels`` -> ``channels``, padding 1) + Relu on a
+    ``channels x size x size`` input named ``pixels``: the unit a CNN student is made of."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((channels, channels, 3, 3)) / (3 * channels ** 0.5)).astype(np.float32)
+    b = np.zeros(channels, dtype=np.float32)
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", channels, size, size])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", channels, size, size])
+    nodes = [helper.make_node("Conv", ["pixels", "w", "b"], ["c"], pads=[1, 1, 1, 1],
+                              kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["out"])]
+    graph = helper.make_graph(nodes, f"conv{channels}", [x], [y],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return str(path)

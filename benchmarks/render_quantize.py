@@ -39,6 +39,10 @@ def _latency(doc: dict[str, Any]) -> list[str]:
         for s in LABELS:
             mark = f"**{LABELS[s]}** (default)" if s == default else LABELS[s]
             rows.append(["", mark] + [_cell(m["timings"][k][s]) for k in keys])
+        conv1 = default + "+conv1_fp32"
+        if conv1 in m["timings"][keys[0]]:
+            rows.append(["", f"{LABELS[default]}, first conv block kept FP32"] +
+                        [_cell(m["timings"][k][conv1]) for k in keys])
         rows.append(["", "one-node graph ms"] +
                     [f"{m['timings'][k]['one_node_graph']['p50_ms']:.3f}" for k in keys])
     return [f"Every INT8 setting kdpipe offers (per-channel weights, `quantize_static` after "
@@ -85,25 +89,70 @@ def _analysis(doc: dict[str, Any]) -> list[str]:
         g = int8["graph"]
         for b in fp32["profile"]:
             pf, pi = fp32["profile"][b], int8["profile"][b]
+            first = [f"{p['conv_nodes_us'][0]['us']:.0f}" if p.get("conv_nodes_us") else "?"
+                     for p in (pf, pi)]
             rows.append([m["model"], b, f"{g['integer_ops']} / {g['float_compute_ops']} / {g['qdq_ops']}",
                          f"{pf['per_call_us']:.0f} → {pi['per_call_us']:.0f}",
                          f"{pf['us_by_group']['conv']:.0f} → {pi['us_by_group']['conv']:.0f}",
+                         f"{first[0]} → {first[1]}",
                          f"{pi['us_by_group']['qdq']:.0f}",
                          f"{pf['us_by_group']['layout']:.0f} → {pi['us_by_group']['layout']:.0f}",
                          f"{pf['us_by_group']['other']:.0f} → {pi['us_by_group']['other']:.0f}",
                          f"{pf['outside_ops_us']:.0f} → {pi['outside_ops_us']:.0f}"])
     if not rows:
         return []
-    return ["### What ONNX Runtime runs (optimised graphs, profile)", "",
-            "FP32 vs the default INT8 setting, 1 thread: the graph ONNX Runtime executes after its "
+    return [*_graph_facts(doc), "FP32 vs the default INT8 setting, 1 thread: the graph ONNX Runtime executes after its "
             "own optimisations (`optimized_model_filepath`, all levels) and its profiler "
             f"(`enable_profiling`, {doc['settings']['profile_calls']} calls at batch 1, 1/8 of that at "
             "64): median µs per call, FP32 → INT8, split into convolution kernels, the Q/DQ nodes "
             "left after fusion, layout changes (NCHWc reorders in FP32, NHWC transposes in INT8), "
             "the other kernels, and the time outside any kernel (executor, allocations).", "",
             _table(["model", "batch", "INT8 graph: integer / FP32 compute / Q-DQ nodes",
-                    "µs per call", "conv kernels µs", "Q/DQ µs", "layout µs", "other kernels µs",
-                    "outside kernels µs"], rows, "llrrrrrrr"), ""]
+                    "µs per call", "conv kernels µs", "of which first conv µs", "Q/DQ µs", "layout µs", "other kernels µs",
+                    "outside kernels µs"], rows, "llrrrrrrrr"), "",
+            "The profiler adds its own time to every node, so its µs per call are above the "
+            "timed p50s of the latency table: compare FP32 with INT8 within a row.", "",
+            *_conv_sweep(doc)]
+
+
+def _conv_sweep(doc: dict[str, Any]) -> list[str]:
+    """One 3x3 conv per width: where the integer kernel starts to win."""
+    convs, default = doc["results"].get("conv_sweep") or [], doc["settings"]["default_setting"]
+    if not convs:
+        return []
+    keys = [k for k in convs[0] if k.startswith("t1_b")]
+    rows = [[f"{c['channels']} → {c['channels']}"] +
+            [f"{c[k]['fp32']['p50_ms']:.3f} ms: {_cell(c[k][default])}" for k in keys] for c in convs]
+    return [f"One 3x3 convolution + Relu at {convs[0]['size']}x{convs[0]['size']} (the student's second "
+            f"stage), FP32 vs {LABELS[default]} (its input quantised and its output dequantised "
+            "inside the graph), 1 thread, same-round speed-up:", "",
+            _table(["channels"] + [f"batch {k.split('_b')[1]}: FP32 p50, INT8 speed-up" for k in keys],
+                   rows, "l" + "r" * len(keys)), ""]
+
+
+def _describe_graph(g: dict[str, Any]) -> str:
+    left = ", ".join(f"`{n['node']}` ({n['op']})" for n in g["float_compute_nodes"]) or "none"
+    qdq = ", ".join(f"{q['from']} → {q['op']} → {'/'.join(q['to'])}" for q in g["unfused_qdq"]) or "none"
+    return f"FP32 compute nodes left: {left}; Q/DQ nodes not fused: {qdq}"
+
+
+def _graph_facts(doc: dict[str, Any]) -> list[str]:
+    """Which nodes of the default INT8 graph ONNX Runtime runs stay FP32 / unfused."""
+    seen: dict[str, list[str]] = {}
+    for m in doc["results"]["models"]:
+        a = m.get("analysis")
+        if a:
+            for key, variant in a.items():
+                if key == "fp32":
+                    continue
+                int8 = variant["graph"]
+                ops = ", ".join(f"{k} {v}" for k, v in int8["op_counts"].items())
+                label = "" if "+" not in key else " (first conv block kept FP32)"
+                seen.setdefault(f"{_describe_graph(int8)}. All nodes: {ops}", []).append(
+                    m["model"] + label)
+    return ["### What ONNX Runtime runs (optimised graphs, profile)", "",
+            "The INT8 graphs as ONNX Runtime executes them (default setting):", "",
+            *[f"- {', '.join(models)}: {text}." for text, models in seen.items()], ""]
 
 
 def render_quantize(doc: dict[str, Any]) -> str:
