@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantize_graphs import kernel_groups
+
 TITLE = "## 8. INT8 quantisation (benchmarks/bench_quantize.py)"
 LABELS = {"qdq_u8s8": "QDQ U8S8", "qdq_s8s8": "QDQ S8S8", "qop_u8s8": "QOperator U8S8",
           "qop_s8s8": "QOperator S8S8"}
@@ -48,12 +50,15 @@ def _latency(doc: dict[str, Any]) -> list[str]:
     return [f"Every INT8 setting kdpipe offers (per-channel weights, `quantize_static` after "
             f"`quant_pre_process`, 64 uniform-pixel calibration images; random weights: latency does "
             f"not depend on them), timed against FP32 in the same process: {st['rounds']} interleaved "
-            f"rounds (order rotating), {st['repeats_b1']} calls per round at batch 1 and "
-            f"{st['repeats']} at batch 64. Cell: speed-up FP32 p50 / INT8 p50 of the same round, "
+            f"rounds (order rotating), up to {st['repeats_b1']} calls per round at batch 1 and "
+            f"{st['repeats']} at batch 64 (fewer for a slow variant: about "
+            f"{st.get('round_seconds', 0.3):g} s per variant and round). Cell: speed-up FP32 p50 / INT8 p50 of the same round, "
             "median over rounds (min–max over rounds). The one-node graph (a Relu on the same input) "
             "is ONNX Runtime's fixed cost per call. Pruned students use the default config's "
             f"`prune` section (ratio {st['prune_config']['ratio']}, round_to "
-            f"{st['prune_config']['round_to']}) and round_to {st['round_to']} variants.", "",
+            f"{st['prune_config']['round_to']}) and the same with round_to "
+            f"{', '.join(map(str, st['round_to']))} (a layer with fewer channels than round_to is left "
+            "whole, so round_to 64 gives back the unpruned widths).", "",
             _table(head, rows, "ll" + "r" * len(keys)), ""]
 
 
@@ -89,24 +94,27 @@ def _analysis(doc: dict[str, Any]) -> list[str]:
         g = int8["graph"]
         for b in fp32["profile"]:
             pf, pi = fp32["profile"][b], int8["profile"][b]
+            gf, gi = kernel_groups(pf["us_by_op"]), kernel_groups(pi["us_by_op"])
             first = [f"{p['conv_nodes_us'][0]['us']:.0f}" if p.get("conv_nodes_us") else "?"
                      for p in (pf, pi)]
             rows.append([m["model"], b, f"{g['integer_ops']} / {g['float_compute_ops']} / {g['qdq_ops']}",
                          f"{pf['per_call_us']:.0f} → {pi['per_call_us']:.0f}",
-                         f"{pf['us_by_group']['conv']:.0f} → {pi['us_by_group']['conv']:.0f}",
+                         " → ".join(f"{sum(c['us'] for c in p['conv_nodes_us']):.0f}" for p in (pf, pi)),
                          f"{first[0]} → {first[1]}",
-                         f"{pi['us_by_group']['qdq']:.0f}",
-                         f"{pf['us_by_group']['layout']:.0f} → {pi['us_by_group']['layout']:.0f}",
-                         f"{pf['us_by_group']['other']:.0f} → {pi['us_by_group']['other']:.0f}",
+                         f"{gi['qdq']:.0f}",
+                         f"{gf['layout']:.0f} → {gi['layout']:.0f}",
+                         f"{gf['other']:.0f} → {gi['other']:.0f}",
                          f"{pf['outside_ops_us']:.0f} → {pi['outside_ops_us']:.0f}"])
     if not rows:
         return []
     return [*_graph_facts(doc), "FP32 vs the default INT8 setting, 1 thread: the graph ONNX Runtime executes after its "
             "own optimisations (`optimized_model_filepath`, all levels) and its profiler "
             f"(`enable_profiling`, {doc['settings']['profile_calls']} calls at batch 1, 1/8 of that at "
-            "64): median µs per call, FP32 → INT8, split into convolution kernels, the Q/DQ nodes "
-            "left after fusion, layout changes (NCHWc reorders in FP32, NHWC transposes in INT8), "
-            "the other kernels, and the time outside any kernel (executor, allocations).", "",
+            "64), FP32 → INT8: median µs per call and outside any kernel (executor, allocations), "
+            "the convolution kernels (per-node medians, summed; the first one on its own), and "
+            "per-operator-type medians of the Q/DQ nodes left after fusion, layout changes (NCHWc reorders in FP32, NHWC "
+            "transposes in INT8) and the other kernels. The profiles are not interleaved: on a "
+            "busy machine they are noisier than the latency table.", "",
             _table(["model", "batch", "INT8 graph: integer / FP32 compute / Q-DQ nodes",
                     "µs per call", "conv kernels µs", "of which first conv µs", "Q/DQ µs", "layout µs", "other kernels µs",
                     "outside kernels µs"], rows, "llrrrrrrrr"), "",
