@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
+
+# onnx / onnxruntime are imported inside the functions that use them: run_all.py imports
+# kernel_groups (through render_quantize) to render the report without them.
 
 # Operators that compute in integers (ONNX + com.microsoft contrib ops ORT fuses into).
 INTEGER_OPS = frozenset({
@@ -56,6 +57,9 @@ def optimized_graph(path: str | Path, out: str | Path) -> dict[str, Any]:
         nodes that are left), ``unfused_qdq`` (each surviving Q/DQ node with the op that
         feeds it and the ops it feeds: where a Q/DQ pair was not folded into an integer op).
     """
+    import onnx
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.optimized_model_filepath = str(out)
@@ -94,6 +98,8 @@ def profile(path: str | Path, x: np.ndarray, threads: int, calls: int) -> dict[s
     the operators' kernels, ``outside_ops_us`` the rest (executor, allocation, input /
     output handling): the fixed cost INT8 cannot shrink.
     """
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.log_severity_level = 3
@@ -173,6 +179,7 @@ def analyse(paths: dict[str, str], shape: tuple[int, int, int], workdir: Path,
 def conv_graph(path: Path, channels: int, size: int, seed: int = 0) -> str:
     """One 3x3 Conv (``channels`` -> ``channels``, padding 1) + Relu on a
     ``channels x size x size`` input named ``pixels``: the unit a CNN student is made of."""
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
