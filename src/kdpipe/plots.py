@@ -1,5 +1,5 @@
-"""Figures people would rather look at than read: training curves, confusion matrices,
-and accuracy against size / latency.
+"""Figures people would rather look at than read: training curves and confusion matrices
+(the accuracy-versus-latency frontier, built on :func:`new_figure`, is in :mod:`kdpipe.frontier`).
 
 Built on matplotlib's object-oriented API (``matplotlib.figure.Figure`` with the Agg
 canvas), never ``pyplot``: no global backend switch, no GUI, safe in worker processes.
@@ -11,16 +11,16 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["ModelPoint", "accuracy_vs_cost", "confusion_matrix_figure", "to_png", "training_curves"]
+__all__ = ["confusion_matrix_figure", "new_figure", "to_png", "to_svg", "training_curves"]
 
 
-def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, Any]:
+def new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, Any]:
+    """A constrained-layout figure on an Agg canvas and its ``ncols`` axes (a row)."""
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # attach a raster canvas; savefig needs one
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
@@ -30,6 +30,13 @@ def to_png(fig: Figure) -> bytes:
     """Render a figure to PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def to_svg(fig: Figure) -> str:
+    """Render a figure to SVG text (text kept as glyph paths: it looks the same anywhere)."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
     return buf.getvalue()
 
 
@@ -52,7 +59,7 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], title:
             ``val_loss``, ``val_accuracy``).
         title: figure title.
     """
-    fig, (ax_loss, ax_acc) = _figure(10, 3.8, ncols=2)
+    fig, (ax_loss, ax_acc) = new_figure(10, 3.8, ncols=2)
     for stage, history in histories.items():
         keys = sorted({k for row in history for k in row
                        if k.startswith("train_") or k == "val_loss"})
@@ -80,7 +87,7 @@ def confusion_matrix_figure(confusion: Sequence[Sequence[int]], classes: Sequenc
     when there are at most 20 classes."""
     k = len(classes)
     size = min(12.0, 2.5 + 0.45 * k)
-    fig, (ax,) = _figure(size, size * 0.85)
+    fig, (ax,) = new_figure(size, size * 0.85)
     totals = [max(1, sum(row)) for row in confusion]
     normed = [[c / t for c in row] for row, t in zip(confusion, totals, strict=True)]
     im = ax.imshow(normed, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -95,39 +102,4 @@ def confusion_matrix_figure(confusion: Sequence[Sequence[int]], classes: Sequenc
                 if count:
                     ax.text(j, i, str(count), ha="center", va="center", fontsize=6,
                             color="white" if normed[i][j] > 0.5 else "black")
-    return fig
-
-
-@dataclass(frozen=True)
-class ModelPoint:
-    """One model in the accuracy-versus-cost chart."""
-
-    name: str
-    accuracy: float
-    size_mb: float | None = None
-    latency_ms: float | None = None
-    params: int | None = None
-
-
-def accuracy_vs_cost(points: Sequence[ModelPoint], title: str = "") -> Figure:
-    """Accuracy against model size (MB) and against latency (ms), one marker per model.
-
-    A panel is drawn only when at least one model has that measurement.
-    """
-    panels = [(attr, label) for attr, label in (("size_mb", "size (MB)"), ("latency_ms", "latency p50 (ms)"))
-              if any(getattr(p, attr) is not None for p in points)]
-    if not panels:
-        panels = [("params", "parameters")]
-    fig, axes = _figure(5 * len(panels), 3.8, ncols=len(panels))
-    for ax, (attr, label) in zip(axes, panels, strict=True):
-        for p in points:
-            x = getattr(p, attr)
-            if x is None:
-                continue
-            ax.scatter([x], [p.accuracy], s=60)
-            ax.annotate(p.name, (x, p.accuracy), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set(xlabel=label, ylabel="accuracy", title=f"accuracy vs {label.split(' ')[0]}")
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
     return fig
