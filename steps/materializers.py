@@ -8,10 +8,12 @@ Bundle             ``bundle.json`` + ``weights.safetensors``  training curves, c
                    (:func:`kdpipe.bundle.save_bundle`); an ONNX
                    teacher: ``bundle.json`` + ``teacher.onnx``
 ExportResult       the ``.onnx`` file under its own name + ``export.json``  HTML summary
-EvaluationReport   ``evaluation.json``                   HTML table, accuracy vs size /
-                                                         latency and confusion (PNG)
+EvaluationReport   ``evaluation.json``                   HTML table, accuracy-vs-latency
+                                                         frontier and confusion (PNG)
 GateDecision       ``gate_decision.json``                HTML check table
 PromotionResult    ``promotion.json``                    –
+ModelCard          ``model_card.json``                   the card (HTML, frontier inline),
+                                                         the card (Markdown)
 =================  ====================================  ==================================
 
 The content hash (ZenML's cache key uses it for step inputs) is a sha256 over the stored
@@ -45,7 +47,10 @@ from kdpipe.bundle import SPEC_FILE, WEIGHTS_FILE, Bundle, load_bundle, save_bun
 from kdpipe.data import DatasetSpec
 from kdpipe.evaluation import EvaluationReport
 from kdpipe.export import ExportResult
+from kdpipe.frontier import frontier_figure, frontier_points
 from kdpipe.gate import GateDecision
+from kdpipe.model_card import ModelCard
+from kdpipe.model_card_view import card_html, card_markdown
 from kdpipe.onnx_teacher import ONNX_FILE as ONNX_TEACHER_FILE
 from kdpipe.onnx_teacher import OnnxTeacherBundle, load_onnx_teacher, save_onnx_teacher
 from kdpipe.promotion import PromotionResult
@@ -66,7 +71,7 @@ def _pin_import_paths(*classes: type[Any]) -> None:
 
 
 _pin_import_paths(DatasetSpec, Bundle, OnnxTeacherBundle, ExportResult, EvaluationReport,
-                  GateDecision, PromotionResult)
+                  GateDecision, PromotionResult, ModelCard)
 
 _CSS = ("body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}")
@@ -306,26 +311,11 @@ class EvaluationReportMaterializer(_PydanticJsonMaterializer):
 
     def save_visualizations(self, data: EvaluationReport) -> dict[str, VisualizationType]:
         out = self._save_html("evaluation.html", data.to_html())
-        out |= self._save_png("accuracy_vs_cost.png", plots.accuracy_vs_cost(
-            evaluation_points(data), title=f"{data.split} split"))
+        out |= self._save_png("frontier.png", frontier_figure(
+            frontier_points(data), title=f"{data.split} split: accuracy vs latency"))
         out |= self._save_png("confusion_matrix.png", plots.confusion_matrix_figure(
             data.candidate.confusion, data.classes, title="candidate (ONNX): confusion matrix"))
         return out
-
-
-def evaluation_points(report: EvaluationReport) -> list[plots.ModelPoint]:
-    """One chart point per evaluated model (latency = p50 at the smallest batch measured)."""
-    points = []
-    models = dict(report.models)
-    if report.production.evaluation is not None:
-        models["production"] = report.production.evaluation
-    for name, ev in models.items():
-        latency = min(ev.latency, key=lambda s: s.batch_size, default=None)
-        points.append(plots.ModelPoint(
-            name=name, accuracy=ev.accuracy,
-            size_mb=None if ev.size_bytes is None else ev.size_bytes / 1e6,
-            latency_ms=None if latency is None else latency.p50_ms, params=ev.params))
-    return points
 
 
 class GateDecisionMaterializer(_PydanticJsonMaterializer):
@@ -351,3 +341,22 @@ class PromotionResultMaterializer(_PydanticJsonMaterializer):
 
     def extract_metadata(self, data: PromotionResult) -> dict[str, MetadataType]:
         return {**data.metadata(), "summary": data.summary()}
+
+
+# ----------------------------------------------------------------------- model card
+class ModelCardMaterializer(_PydanticJsonMaterializer):
+    """:class:`kdpipe.model_card.ModelCard`: JSON; the card as HTML and as Markdown."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (ModelCard,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
+    FILENAME: ClassVar[str] = "model_card.json"
+
+    def extract_metadata(self, data: ModelCard) -> dict[str, MetadataType]:
+        ev = data.candidate_eval
+        return {"candidate": data.candidate, "promoted": data.promoted,
+                "accuracy": ev.accuracy, "summary": data.summary()}
+
+    def save_visualizations(self, data: ModelCard) -> dict[str, VisualizationType]:
+        out = self._save_html("model_card.html", card_html(data))
+        self._write("model_card.md", card_markdown(data, with_figure=False))
+        return out | {self._path("model_card.md"): VisualizationType.MARKDOWN}
