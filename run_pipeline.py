@@ -251,6 +251,11 @@ def print_summary(run: Any) -> None:
     promotion = _load_output(run, "promote_student", "promotion")
     if promotion is not None:
         print(f"Promotion: {promotion.summary()}")
+    card = _load_output(run, "publish_model_card", "model_card")
+    if card is not None:
+        from kdpipe.frontier import frontier_table
+
+        print(f"\n{frontier_table(card.frontier)}\n\nModel card: {card.summary()}")
     if run.model_version is not None:
         mv = run.model_version
         print(f"Model version: {mv.model.name} version {mv.name} (stage: "

@@ -2,7 +2,7 @@
 
     ingest_data → finetune_teacher → [distill_assistant × N] → distill_student
                 → prune_student → export_onnx → evaluate_models → gate_student
-                → promote_student
+                → promote_student → publish_model_card
 
 Parameters are the sections of :class:`kdpipe.config.PipelineConfig`, given under
 ``parameters:`` of a run-configuration YAML (``configs/*.yaml``); their defaults are
@@ -39,6 +39,7 @@ from steps.finetune_teacher import (
 from steps.gate_student import gate_student
 from steps.ingest_data import ingest_data
 from steps.promote_student import promote_student
+from steps.publish_model_card import publish_model_card
 from steps.prune_student import prune_student
 
 DEFAULT_MODEL_NAME = "kdpipe-student"
@@ -86,6 +87,9 @@ def distillation_pipeline(
                                  pruned_student=pruned, student_onnx=onnx, evaluate_cfg=evaluate,
                                  tracking_cfg=tracking)
     decision = gate_student(evaluation=evaluation, gate_cfg=gate)
-    promote_student(gate_decision=decision, student_onnx=onnx, pruned_student=pruned,
-                    teacher=teacher_model, evaluation=evaluation, tracking_cfg=tracking,
-                    gate_cfg=gate)
+    promotion = promote_student(gate_decision=decision, student_onnx=onnx,
+                                pruned_student=pruned, teacher=teacher_model,
+                                evaluation=evaluation, tracking_cfg=tracking, gate_cfg=gate)
+    publish_model_card(dataset=dataset, evaluation=evaluation, gate_decision=decision,
+                       promotion=promotion, teacher_cfg=teacher, student_cfg=student,
+                       distill_cfg=distill, prune_cfg=prune, tracking_cfg=tracking)

@@ -31,8 +31,10 @@ def ingest_data(config: PipelineConfig) -> Annotated[DatasetSpec, "dataset"]:
     # fails here, before any training (for built-in sources the CLI's check found it).
     validate(config, num_classes=spec.num_classes)
     with mlflow_run(config.tracking):
-        tracking.log_params(tracking.flatten_params(config))
-        tracking.log_metrics({f"{k}_samples": v for k, v in spec.split_sizes.items()}, "data")
+        # Split sizes are constants of the run: params, not metrics (a metric is a chart on
+        # the MLflow run page, which should open on the training curves).
+        tracking.log_params({**tracking.flatten_params(config),
+                             **{f"data.{k}_samples": str(v) for k, v in spec.split_sizes.items()}})
         tracking.set_tags({"data.fingerprint": spec.fingerprint})
     logger.info("dataset %s: %s samples per split, %d classes, fingerprint %s",
                 config.data.source, spec.split_sizes, spec.num_classes, spec.fingerprint[:12])

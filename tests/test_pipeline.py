@@ -28,7 +28,7 @@ from kdpipe import tracking
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 TRAINING_STEPS = ("finetune_teacher", "distill_student", "prune_student", "export_onnx")
-ALWAYS_RUN = {"ingest_data", "gate_student", "promote_student"}
+ALWAYS_RUN = {"ingest_data", "gate_student", "promote_student", "publish_model_card"}
 ASSISTANT = {"model": {"arch": "cnn_tiny", "kwargs": {"width": 6}},
              "train": {"epochs": 1, "lr": 0.01, "scheduler": "none"}}
 
@@ -207,7 +207,12 @@ def test_mlflow_run_holds_params_curves_and_the_onnx_model(runs: dict[str, Any])
     assert run_id is not None
     data = client.get_run(run_id).data
     assert data.params["student.model.arch"] == "cnn_tiny"
-    assert data.tags["data.fingerprint"] == _output(run, "ingest_data", "dataset").load().fingerprint
+    spec = _output(run, "ingest_data", "dataset").load()
+    assert data.tags["data.fingerprint"] == spec.fingerprint
+    # constants are params, not metrics: the run page opens on the training curves
+    assert {k: data.params[f"data.{k}_samples"] for k in spec.split_sizes} == {
+        k: str(v) for k, v in spec.split_sizes.items()}
+    assert not [k for k in data.metrics if k.startswith("data/")], data.metrics
     epochs = {"teacher/train_loss": 2, "student/train_kd": 2, "student/train_ce": 2,
               "recovery/train_kd": 1}
     for key, n in epochs.items():
@@ -235,7 +240,8 @@ def test_mlflow_run_holds_params_curves_and_the_onnx_model(runs: dict[str, Any])
 def test_cli_prints_the_summary(runs: dict[str, Any]) -> None:
     out = runs["stdout"]["kd-first"]
     for text in ("teacher", "pruned_student", "student (ONNX)", "MACs", "gate: ", "Model version:",
-                 "mlflow ui --backend-store-uri", "zenml login --local"):
+                 "mlflow ui --backend-store-uri", "zenml login --local",
+                 "Accuracy vs latency (frontier", "yes (promoted)", "Model card: "):
         assert text in out, text
 
 
@@ -289,3 +295,63 @@ def test_an_assistant_is_its_own_tracked_step_and_teaches_the_student(runs: dict
     curve = mlflow.MlflowClient().get_metric_history(mlflow_run.info.run_id,
                                                      "assistant_1/train_loss")
     assert [m.step for m in curve] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_model_card_states_the_runs_numbers_and_describes_the_version(runs: dict[str, Any]
+                                                                      ) -> None:
+    import mlflow
+
+    from kdpipe.card_publish import CARD_TAG
+    from kdpipe.model_card import ModelCard
+    from kdpipe.model_card_view import card_markdown
+
+    run = runs["first"]
+    artifact = _output(run, "publish_model_card", "model_card")
+    card = artifact.load()
+    assert isinstance(card, ModelCard)
+    evaluation = _output(run, "evaluate_models", "evaluation").load()
+    spec = _output(run, "ingest_data", "dataset").load()
+    promotion = _output(run, "promote_student", "promotion").load()
+    assert card.promoted is promotion.promoted is True
+    assert card.candidate_eval.accuracy == pytest.approx(evaluation.candidate.accuracy, abs=1e-12)
+    assert card.candidate_eval.per_class_accuracy == evaluation.candidate.per_class_accuracy
+    assert card.data.fingerprint == spec.fingerprint and card.data.split_sizes == spec.split_sizes
+    assert card.data.classes == spec.classes
+    model_section = yaml.safe_load(SMOKE.read_text())["model"]
+    assert card.intended_use.model_dump() == {k: model_section[k] for k in
+                                              ("license", "use_cases", "limitations")}
+    assert card.lineage.zenml_model_version == run.model_version.name
+    assert card.lineage.mlflow_version == promotion.mlflow_version
+    md = card_markdown(card)
+    assert f"| onnx (candidate) | onnxruntime | {evaluation.candidate.accuracy:.4f} |" in md
+    assert [p.name for p in card.frontier if p.promoted] == ["onnx"]
+    assert sorted(Path(v.uri).name for v in artifact.visualizations) == [
+        "model_card.html", "model_card.md"]
+    eval_vis = _output(run, "evaluate_models", "evaluation").visualizations
+    assert "frontier.png" in {Path(v.uri).name for v in eval_vis}
+    # MLflow: the card in the run, its summary as the registered version's description
+    client = mlflow.MlflowClient()
+    assert card.lineage.mlflow_run_id is not None
+    files = {a.path for a in client.list_artifacts(card.lineage.mlflow_run_id, "model_card")}
+    assert files == {"model_card/model_card.md", "model_card/model_card.html",
+                     "model_card/frontier.png"}
+    logged = mlflow.artifacts.load_text(
+        f"runs:/{card.lineage.mlflow_run_id}/model_card/model_card.md")
+    assert f"{evaluation.candidate.accuracy:.4f}" in logged
+    version = client.get_model_version(promotion.registered_model, promotion.mlflow_version)
+    assert version.description == card.summary() and len(version.description) > 100
+    assert version.tags[CARD_TAG].endswith("/model_card/model_card.md")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_rejected_candidate_gets_a_card_too(runs: dict[str, Any]) -> None:
+    card = _output(runs["gate_changed"], "publish_model_card", "model_card").load()
+    assert card.promoted is False and card.gate_passed is False
+    assert "Not promoted" in card.summary() and "min_accuracy" in card.summary()
+    assert card.lineage.mlflow_version is None
+    assert not any(p.promoted for p in card.frontier)
+    with_assistant = _output(runs["data_changed"], "publish_model_card", "model_card").load()
+    assert with_assistant.lineage.assistants == ["cnn_tiny {'width': 6}"]
