@@ -1,6 +1,7 @@
 """MLflow's own model server serves the champion: its answer equals ONNX Runtime's.
 
-    mlflow models serve -m "models:/<name>@champion" --env-manager local -p <port>
+    make serve MODEL=<name> PORT=<port>
+    (= mlflow models serve -m "models:/<name>@champion" --env-manager local, venv on PATH)
 
 runs as a subprocess on a free loopback port against the test session's SQLite tracking
 database (MLFLOW_TRACKING_URI from conftest); it is always killed at the end.
@@ -33,6 +34,7 @@ from kdpipe.promotion import register_onnx_model, set_champion
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
+ROOT = Path(__file__).resolve().parents[1]
 NAME = "kdpipe-test-serve"
 SHAPE = (1, 8, 8)
 STARTUP_TIMEOUT_S = 300.0  # a safety limit for a loaded machine, not a check
@@ -81,18 +83,24 @@ def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(champion: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``make serve`` as the README gives it, from a shell whose PATH lacks the venv.
+
+    MLflow's server execs ``uvicorn`` by name: the target must put the venv's bin on PATH
+    itself (a plain ``.venv/bin/mlflow models serve`` fails there with "Return code = 127").
+    ``-o <stamp>`` keeps make from reinstalling the package during the test.
+    """
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    venv = Path(sys.executable).parent.parent
     bin_dir = Path(sys.executable).parent
-    # The server execs `uvicorn` by name: the venv's bin must be on PATH (make test does not
-    # activate the venv).
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    mlflow_cli = bin_dir / "mlflow"
-    cmd = [str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}@champion",
-           "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != bin_dir.resolve())
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PATH": path}
+    cmd = ["make", "--no-print-directory", "-o", str(venv / ".installed"), "serve",
+           f"VENV={venv}", f"MODEL={NAME}", f"PORT={port}", "HOST=127.0.0.1"]
     with log.open("w") as out:
-        # Own process group: the server's workers die with it.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+        # Own process group: make, the server and its workers die with it.
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
