@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from kdpipe.eval_report import EvaluationReport, ModelEvaluation
 from kdpipe.plots import new_figure
@@ -136,11 +137,16 @@ def frontier_figure(points: Sequence[FrontierPoint], title: str = "",
             ax.scatter([], [], s=60, color=colour, alpha=0.55, label=runtime)
     if any(p.latency_ms and p.latency_ms > 0 for p in timed):
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, 0.3, 1, 2 rather than 2x10^-1
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.margins(x=0.18, y=0.12)  # room for the labels right of the outermost points
     ax.set(xlabel=f"p50 latency at batch {batch_size} (ms, log scale)", ylabel="accuracy",
            title=title or "accuracy vs latency (marker area ∝ model size)")
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     return fig
 
 
