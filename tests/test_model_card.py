@@ -78,7 +78,7 @@ def test_the_card_states_the_reports_numbers_and_the_lineage() -> None:
     assert f"{rep.models['onnx'].accuracy:.4f}" in md  # 0.9200
     assert f"{rep.models['teacher'].accuracy:.4f}" in md
     assert "| onnx (candidate) | onnxruntime | 0.9200 | 100 | 1,000 | 0.002 | 0.3 / 0.36 |" in md
-    assert "cnn_large" in md and "cnn_small → " not in md  # teacher, then one assistant
+    assert "distilled from cnn_large through teacher assistant(s) cnn_small on digits" in md
     assert "**teacher assistants**: cnn_small" in md
     assert "pruned (l2, ratio 0.5, round_to 16, 100 → 100 params)" in md
     assert "FP32, not quantised" in md
@@ -89,7 +89,8 @@ def test_the_card_states_the_reports_numbers_and_the_lineage() -> None:
     assert "![accuracy vs latency](frontier.png)" in md
     assert "onnx_int8" in md  # another candidate's row appears without being named in code
     # per-class: one row per class, None shown as a dash
-    assert re.search(r"\| a\\\|b <tag> \| – \| – \| – \| – \| – \|", md), md
+    assert re.search(r"\| a\\\|b &lt;tag> \| – \| – \| – \| – \| – \|", md), md
+    assert "<tag>" not in md  # text, not HTML, for a Markdown renderer
 
 
 def test_summary_paragraph_for_promoted_and_rejected() -> None:
@@ -157,7 +158,7 @@ def test_bad_input_is_refused_naming_the_problem() -> None:
 
 def test_document_renderers_escape_each_format() -> None:
     t = Table(("a", "b"), (("x|y", "<b>"),), right=frozenset({1}), row_classes=("fail",))
-    assert "| x\\|y | <b> |" in to_markdown([t]) and "|---|---:|" in to_markdown([t])
+    assert "| x\\|y | &lt;b> |" in to_markdown([t]) and "|---|---:|" in to_markdown([t])
     page = to_html([t], title="<t>")
     assert "<title>&lt;t&gt;</title>" in page and "<td class='r'>&lt;b&gt;</td>" in page
     assert "<tr class='fail'>" in page

@@ -3,7 +3,7 @@
 The model card (:mod:`kdpipe.model_card`) is written once as a list of blocks; both
 renderings come from that list, so the Markdown logged with the MLflow model version and
 the HTML shown in ZenML (and in a browser) cannot say different things. Text is escaped
-in each format (``|`` in Markdown tables, ``<&>`` in HTML). No kdpipe imports.
+in each format (``<&`` in both, also ``>`` in HTML, ``|`` in Markdown tables; code blocks stay verbatim). No kdpipe imports.
 """
 
 from __future__ import annotations
@@ -61,8 +61,14 @@ Block = Heading | Para | Bullets | Table | Code | Verbatim
 
 
 # ------------------------------------------------------------------------ Markdown
+def _md(text: str) -> str:
+    """Text, not markup: ``<tag>`` must not become HTML in a Markdown renderer (``>`` is
+    harmless inside a line and kept, so ``>= 0.9`` stays readable in the raw file)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;")
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _md(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(t: Table) -> str:
@@ -74,11 +80,11 @@ def _md_table(t: Table) -> str:
 
 def _md_block(b: Block) -> str:
     if isinstance(b, Heading):
-        return f"{'#' * b.level} {b.text}"
+        return f"{'#' * b.level} {_md(b.text)}"
     if isinstance(b, Para):
-        return f"**{b.text}**" if b.strong else b.text
+        return f"**{_md(b.text)}**" if b.strong else _md(b.text)
     if isinstance(b, Bullets):
-        return "\n".join(f"- **{label}**: {text}" if label else f"- {text}"
+        return "\n".join(f"- **{_md(label)}**: {_md(text)}" if label else f"- {_md(text)}"
                          for label, text in b.items)
     if isinstance(b, Table):
         return _md_table(b)

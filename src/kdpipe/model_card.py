@@ -151,7 +151,8 @@ class ModelCard(_Frozen):
         """One paragraph: what it is, what it learned from, how it does, what happened."""
         ev, lin = self.candidate_eval, self.lineage
         who = f"{self.model_name}" + (f" version {self.version}" if self.version else "")
-        chain = " → ".join([lin.teacher, *lin.assistants])
+        chain = lin.teacher + (f" through teacher assistant(s) {' → '.join(lin.assistants)}"
+                               if lin.assistants else "")
         teacher = self.models.get("teacher")
         vs = f" (teacher {teacher.accuracy:.2%})" if teacher is not None else ""
         lat = ev.latency_at(1)
