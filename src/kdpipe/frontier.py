@@ -112,6 +112,13 @@ def _areas(points: Sequence[FrontierPoint]) -> list[float]:
     return [max(_MIN_AREA, _MAX_AREA * (p.size_bytes or 0) / largest) for p in points]
 
 
+def _minor_label(value: float, _pos: int) -> str:
+    if value <= 0:
+        return ""
+    mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+    return f"{value:g}" if mantissa in (2.0, 3.0, 5.0) else ""
+
+
 def frontier_figure(points: Sequence[FrontierPoint], title: str = "",
                     batch_size: int = 1) -> Figure:
     """Accuracy against p50 latency: marker area ∝ size, frontier drawn, promoted ringed."""
@@ -137,9 +144,9 @@ def frontier_figure(points: Sequence[FrontierPoint], title: str = "",
             ax.scatter([], [], s=60, color=colour, alpha=0.55, label=runtime)
     if any(p.latency_ms and p.latency_ms > 0 for p in timed):
         ax.set_xscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, 0.3, 1, 2 rather than 2x10^-1
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
+        # 0.2, 0.3, 1, 2 rather than 2x10^-1; minor ticks labelled at 2, 3 and 5 only
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label))
         ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.margins(x=0.18, y=0.12)  # room for the labels right of the outermost points
     ax.set(xlabel=f"p50 latency at batch {batch_size} (ms, log scale)", ylabel="accuracy",
