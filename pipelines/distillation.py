@@ -39,8 +39,8 @@ from steps.finetune_teacher import (
 from steps.gate_student import gate_student
 from steps.ingest_data import ingest_data
 from steps.promote_student import promote_student
-from steps.publish_model_card import publish_model_card
 from steps.prune_student import prune_student
+from steps.publish_model_card import publish_model_card
 
 DEFAULT_MODEL_NAME = "kdpipe-student"
 """ZenML model name when the YAML has no ``model:`` section."""
