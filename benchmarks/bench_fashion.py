@@ -254,6 +254,8 @@ def settings_of(args: argparse.Namespace, plan: Plan, spec: DatasetSpec, sizes: 
 def write(out: Path, settings: dict[str, Any], runs: dict[str, list[dict[str, Any]]],
           start: float, load_start: Any, *, complete: bool) -> dict[str, Any]:
     results = {"complete": complete, "runs": runs, "total_seconds": time.perf_counter() - start,
+               # CPU seconds of all threads: less sensitive than wall time to other processes
+               "cpu_seconds": sum(r["cpu_seconds"] for rows in runs.values() for r in rows),
                "load_average_start": load_start, "load_average_end": load_average(),
                "summary": summarize(runs, settings["student_epochs"])}
     doc = envelope(NAME, settings, results)

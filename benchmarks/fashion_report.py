@@ -235,7 +235,8 @@ def render_fashion(doc: dict[str, Any], results_rel: str = "benchmarks/results")
                     "% of teacher", "wall s", "s/epoch"], _rows(doc)), "",
             *_goal_lines(summ), *_curve_lines(summ, st)]
     loads = ", ".join(f"{x[0]:.1f}" for x in load if x)
-    out.append(f"_Measured {doc['meta'].get('date', '?')}: {res['total_seconds'] / 60:.1f} min in all, "
+    cpu = f" ({res['cpu_seconds'] / 60:.1f} min of CPU time, all threads)" if "cpu_seconds" in res else ""
+    out.append(f"_Measured {doc['meta'].get('date', '?')}: {res['total_seconds'] / 60:.1f} min in all{cpu}, "
                f"1-min load average {loads} (start, end) on {doc['meta']['machine'].get('usable_cores', '?')} cores; "
                f"raw: `{results_rel}/{doc['benchmark']}.json`._")
     return "\n".join(out)
