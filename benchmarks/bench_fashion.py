@@ -54,6 +54,7 @@ from fashion_report import summarize
 from kdpipe import recipes
 from kdpipe.bundle import Bundle
 from kdpipe.config import (
+    DataConfig,
     DistillConfig,
     ModelConfig,
     PipelineConfig,
@@ -110,7 +111,7 @@ def _epochs(train: TrainConfig, epochs: int | None) -> TrainConfig:
 class Plan:
     """The default recipe, instantiated for this benchmark's architectures."""
 
-    data: Any  # DataConfig on the Fashion-MNIST subset
+    data: DataConfig  # on the Fashion-MNIST subset
     teacher: TeacherConfig
     student_train: TrainConfig
     student: ModelConfig
