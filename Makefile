@@ -34,7 +34,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) fashion-data
 	$(PY) benchmarks/run_all.py
 
 # MLflow's server execs `uvicorn` (and its workers) by name, so the venv's bin goes on PATH:

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH_DIR, REPO_ROOT, RESULTS_DIR, envelope, read_json, usable_cores, write_json
+from fashion_report import TITLE as FASHION_TITLE
+from fashion_report import headline as fashion_headline
+from fashion_report import render_fashion
 from render_quantize import TITLE as QUANTIZE_TITLE
 from render_quantize import quantize_headline, render_quantize
 
@@ -62,6 +65,9 @@ BENCHMARKS = (
               description="pruned + KD-recovered student vs the unpruned one (3 seeds)"),
     Benchmark("quality", "bench_quality.py", timeout_s=1800,
               description="teacher, student alone, KD, KD + features, DKD"),
+    # Fashion-MNIST: 3 seeds x (teacher + 8 student rows), at most 25 min on 2 quiet cores.
+    Benchmark("fashion", "bench_fashion.py", timeout_s=2400,
+              description="Fashion-MNIST: KD, teacher_pruned init, DKD, dropout, an assistant chain"),
     Benchmark("pipeline", "bench_pipeline.py", timeout_s=1200,
               description="make run cold and warm, ZenML overhead"),
     Benchmark("onnx_teacher", "bench_onnx_teacher.py", timeout_s=2400,
@@ -533,6 +539,8 @@ def render_headlines(results: dict[str, Any], run_info: dict[str, Any] | None) -
             lines.append(f"- {source}: KD student {_acc(acc['kd'])} % vs student alone {_acc(acc['alone'])} % "
                          f"vs teacher {_acc(acc['teacher'])} %; {100 * summ['of_teacher']['kd']:.1f} % of the "
                          f"teacher's accuracy with 1/{ratio:.1f} of its params.")
+    if _status("fashion", results, run_info) is None and (line := fashion_headline(results["fashion"])):
+        lines.append(line)
     r = results.get("throughput", {}).get("results", {})
     if _status("throughput", results, run_info) is None and "variants" not in r:
         lines.append("- Training throughput: " + OLD_THROUGHPUT)
@@ -584,12 +592,14 @@ def render_report(results: dict[str, Any], run_info: dict[str, Any] | None, quic
         status = _status(name, results, run_info)
         title = {"quality": "## 1. Distillation quality", "throughput": "## 2. Training throughput",
                  "pipeline": "## 4. Pipeline", "onnx_teacher": "## 5. ONNX teacher",
-                 "quantize": QUANTIZE_TITLE}[name]
+                 "quantize": QUANTIZE_TITLE,
+                 "fashion": FASHION_TITLE}[name]
         return f"{title}\n\n{status}" if status else render(results[name])
 
     parts = [render_header(results, run_info, quick),
              render_headlines(results, run_info),
              section("quality", render_quality),
+             section("fashion", lambda doc: render_fashion(doc, _results_rel)),
              section("throughput", render_throughput),
              render_inference(results.get("inference"), results.get("prune"),
                               _status("inference", results, run_info), _status("prune", results, run_info)),

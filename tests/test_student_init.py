@@ -87,6 +87,18 @@ def test_teacher_pruned_reaches_the_target_and_keeps_teacher_weights(tmp_path: P
     assert count_macs(teacher, shape) > 0
 
 
+def test_teacher_pruned_from_a_frozen_teacher_is_pruned_and_trainable() -> None:
+    # A teacher that already taught (DistillationTask freezes it in place, as a second
+    # distill_student call in one process sees it) must still be pruned, and the student
+    # made from it must train: Torch-Pruning traces the graph through autograd.
+    torch.manual_seed(0)
+    teacher = create_model("cnn_small", 10, 1).eval().requires_grad_(False)
+    student, kept = prune_teacher_to(teacher, 0.3, "params", (1, 28, 28))
+    assert kept == pytest.approx(0.3, rel=0.1)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())  # the teacher stays frozen
+
+
 def test_config_rules_for_student_init() -> None:
     with pytest.raises(ValidationError, match="init_target .* needed by, and only by"):
         StudentConfig(init="teacher_pruned")

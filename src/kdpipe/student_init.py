@@ -135,7 +135,9 @@ def prune_teacher_to(teacher: nn.Module, target: float, metric: str,
     lo, hi, best = 0.0, 0.95, (float("inf"), None, 1.0)
     for _ in range(_BISECTION_STEPS):
         ratio = (lo + hi) / 2
-        candidate = copy.deepcopy(teacher).cpu().eval()
+        # requires_grad: a teacher that already taught is frozen (DistillationTask), and
+        # Torch-Pruning traces the graph through autograd; the student must train anyway.
+        candidate = copy.deepcopy(teacher).cpu().eval().requires_grad_(True)
         with _quiet(logging.getLogger("kdpipe.prune")):  # a probe, not the pruning step
             prune_model(candidate, example, PruneConfig(ratio=ratio, importance=importance),
                         latency_repeats=3)
