@@ -104,4 +104,5 @@ def distillation_pipeline(
                                 **int8)
     publish_model_card(dataset=dataset, evaluation=evaluation, gate_decision=decision,
                        promotion=promotion, teacher_cfg=teacher, student_cfg=student,
-                       distill_cfg=distill, prune_cfg=prune, tracking_cfg=tracking)
+                       distill_cfg=distill, prune_cfg=prune, tracking_cfg=tracking,
+                       quantize_cfg=quantize)
