@@ -30,7 +30,8 @@ from kdpipe.validate import ConfigProblems, find_problems, find_warnings
 DEFAULT_CONFIG = "configs/default.yaml"
 EXIT_STEP_FAILED = 1
 EXIT_BAD_CONFIG = 2
-SUMMARY_MODELS = ("teacher", "student", "pruned_student", "onnx")
+SUMMARY_MODELS = ("teacher", "student", "pruned_student", "onnx", "onnx_int8")
+SUMMARY_LABELS = {"onnx": "student (ONNX)", "onnx_int8": "student (ONNX INT8)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -226,7 +227,7 @@ def summary_table(evaluation: Any) -> str:
             continue
         lat = [_fmt(getattr(ev.latency_at(b), "p50_ms", None), ".3f") for b in batch_sizes]
         size = None if ev.size_bytes is None else ev.size_bytes / 1e6
-        label = "student (ONNX)" if name == "onnx" else name
+        label = SUMMARY_LABELS.get(name, name)
         rows.append([label, f"{ev.accuracy:.4f}", _fmt(ev.params, ","), _fmt(ev.macs, ","),
                      _fmt(size, ".3f"), *lat])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -245,6 +246,12 @@ def print_summary(run: Any) -> None:
     if evaluation is not None:
         print(summary_table(evaluation))
         print(f"ONNX Runtime vs PyTorch parity: max |diff| = {evaluation.parity_max_abs_diff:.3g}")
+        int8 = evaluation.models.get("onnx_int8")
+        if int8 is not None:
+            print(f"INT8 vs FP32 ONNX: argmax agreement {int8.agreement:.4f}")
+    quantized = _load_output(run, "quantize_onnx", "student_onnx_int8")
+    if quantized is not None:
+        print(quantized.reason)
     decision = _load_output(run, "gate_student", "gate_decision")
     if decision is not None:
         print(f"\n{decision.summary()}")

@@ -1,8 +1,11 @@
 """The distillation pipeline: wiring only (every step lives in steps/, all logic in kdpipe).
 
     ingest_data → finetune_teacher → [distill_assistant × N] → distill_student
-                → prune_student → export_onnx → evaluate_models → gate_student
-                → promote_student → publish_model_card
+                → prune_student → export_onnx → [quantize_onnx] → evaluate_models
+                → gate_student → promote_student → publish_model_card
+
+``quantize_onnx`` (the INT8 candidate) is in the pipeline only when ``quantize.enabled``;
+without it the pipeline is the FP32 one, step for step.
 
 Parameters are the sections of :class:`kdpipe.config.PipelineConfig`, given under
 ``parameters:`` of a run-configuration YAML (``configs/*.yaml``); their defaults are
@@ -22,6 +25,7 @@ from kdpipe.config import (
     GateConfig,
     PipelineConfig,
     PruneConfig,
+    QuantizeConfig,
     StudentConfig,
     TeacherConfig,
     TrackingConfig,
@@ -41,6 +45,7 @@ from steps.ingest_data import ingest_data
 from steps.promote_student import promote_student
 from steps.prune_student import prune_student
 from steps.publish_model_card import publish_model_card
+from steps.quantize_onnx import quantize_onnx
 
 DEFAULT_MODEL_NAME = "kdpipe-student"
 """ZenML model name when the YAML has no ``model:`` section."""
@@ -57,13 +62,15 @@ def distillation_pipeline(
     prune: PruneConfig = _DEFAULTS.prune,
     export: ExportConfig = _DEFAULTS.export,
     evaluate: EvalConfig = _DEFAULTS.evaluate,
+    quantize: QuantizeConfig = _DEFAULTS.quantize,
     gate: GateConfig = _DEFAULTS.gate,
     tracking: TrackingConfig = _DEFAULTS.tracking,
 ) -> None:
-    """Teacher → distilled student → pruned student → ONNX → evaluation → gate → promotion."""
+    """Teacher → distilled student → pruned student → ONNX [→ INT8] → evaluation → gate
+    → promotion."""
     config = PipelineConfig(data=data, teacher=teacher, student=student, distill=distill,
-                            prune=prune, export=export, evaluate=evaluate, gate=gate,
-                            tracking=tracking)
+                            prune=prune, export=export, evaluate=evaluate, quantize=quantize,
+                            gate=gate, tracking=tracking)
     validate(config)  # at compile time: a bad config fails before any step starts
     dataset = ingest_data(config=config)
     teacher_model = finetune_teacher(dataset=dataset, teacher_cfg=teacher, tracking_cfg=tracking,
@@ -83,13 +90,19 @@ def distillation_pipeline(
     pruned = prune_student(dataset=dataset, student=student_model, teacher=teacher_of_student,
                            prune_cfg=prune, distill_cfg=distill, tracking_cfg=tracking)
     onnx = export_onnx(pruned_student=pruned, export_cfg=export, tracking_cfg=tracking)
+    # The INT8 candidate exists only when enabled: the FP32 pipeline stays as it was.
+    int8 = ({"student_onnx_int8": quantize_onnx(dataset=dataset, student_onnx=onnx,
+                                                quantize_cfg=quantize, tracking_cfg=tracking)}
+            if quantize.enabled else {})
     evaluation = evaluate_models(dataset=dataset, teacher=teacher_model, student=student_model,
                                  pruned_student=pruned, student_onnx=onnx, evaluate_cfg=evaluate,
-                                 tracking_cfg=tracking)
+                                 tracking_cfg=tracking, **int8)
     decision = gate_student(evaluation=evaluation, gate_cfg=gate)
     promotion = promote_student(gate_decision=decision, student_onnx=onnx,
                                 pruned_student=pruned, teacher=teacher_model,
-                                evaluation=evaluation, tracking_cfg=tracking, gate_cfg=gate)
+                                evaluation=evaluation, tracking_cfg=tracking, gate_cfg=gate,
+                                **int8)
     publish_model_card(dataset=dataset, evaluation=evaluation, gate_decision=decision,
                        promotion=promotion, teacher_cfg=teacher, student_cfg=student,
-                       distill_cfg=distill, prune_cfg=prune, tracking_cfg=tracking)
+                       distill_cfg=distill, prune_cfg=prune, tracking_cfg=tracking,
+                       quantize_cfg=quantize)

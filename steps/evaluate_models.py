@@ -22,9 +22,10 @@ from kdpipe import tracking
 from kdpipe.bundle import Bundle
 from kdpipe.config import EvalConfig, TrackingConfig
 from kdpipe.data import DatasetSpec
-from kdpipe.evaluation import EvaluationReport, ProductionCandidate
+from kdpipe.evaluation import INT8_CANDIDATE, EvaluationReport, ProductionCandidate
 from kdpipe.evaluation import evaluate_models as evaluate
 from kdpipe.export import ExportResult
+from kdpipe.quantize_report import QuantizeOutcome
 from steps.materializers import EvaluationReportMaterializer
 from steps.tracking_context import mlflow_run
 
@@ -55,20 +56,29 @@ def evaluate_models(
     student_onnx: ExportResult,
     evaluate_cfg: EvalConfig,
     tracking_cfg: TrackingConfig,
+    student_onnx_int8: QuantizeOutcome | None = None,
 ) -> Annotated[EvaluationReport, "evaluation"]:
     """Accuracy, per-class accuracy, confusion, params, MACs, size, latency, parity.
 
-    Also evaluates the production student when one exists and is compatible; otherwise
-    the report says why not (the gate then skips its production check).
+    The INT8 candidate (``student_onnx_int8``, when quantize_onnx produced one) is
+    measured like the FP32 one, plus its argmax agreement with it (``onnx_int8``). Also
+    evaluates the production student when one exists and is compatible; otherwise the
+    report says why not (the gate then skips its production check).
     """
     production, reason = load_production()
+    int8 = None if student_onnx_int8 is None else student_onnx_int8.result
     report = evaluate(dataset, teacher, student, pruned_student, student_onnx.path,
-                      evaluate_cfg, production=production, production_reason=reason)
+                      evaluate_cfg, int8_path=None if int8 is None else int8.path,
+                      production=production, production_reason=reason)
     with mlflow_run(tracking_cfg):
         tracking.log_metrics(report.metadata(), "eval")
     logger.info("candidate (ONNX) accuracy %.4f, teacher %.4f, parity %.2g; production: %s",
                 report.candidate.accuracy, report.models["teacher"].accuracy,
                 report.parity_max_abs_diff, report.production.reason)
+    if INT8_CANDIDATE in report.models:
+        ev = report.models[INT8_CANDIDATE]
+        logger.info("INT8 candidate accuracy %.4f, argmax agreement with FP32 %.4f",
+                    ev.accuracy, ev.agreement)
     return report
 
 

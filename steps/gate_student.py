@@ -19,7 +19,9 @@ logger = get_logger(__name__)
 def gate_student(
     evaluation: EvaluationReport, gate_cfg: GateConfig
 ) -> Annotated[GateDecision, "gate_decision"]:
-    """Decide whether the candidate may be promoted (see :mod:`kdpipe.gate`).
+    """Decide which candidate, if any, may be promoted (see :mod:`kdpipe.gate`): every
+    candidate (FP32, and INT8 when quantize_onnx ran) gets its own table of checks, and
+    ``gate_cfg.prefer`` chooses among those that pass.
 
     Never cached: the thresholds are cheap to re-check and a decision is an event of
     this run. MLflow logging of the decision happens in ``promote_student``, which has

@@ -8,6 +8,7 @@ Bundle             ``bundle.json`` + ``weights.safetensors``  training curves, c
                    (:func:`kdpipe.bundle.save_bundle`); an ONNX
                    teacher: ``bundle.json`` + ``teacher.onnx``
 ExportResult       the ``.onnx`` file under its own name + ``export.json``  HTML summary
+QuantizeOutcome    ``quantize.json`` (+ the INT8 ``.onnx`` when there is one)  HTML summary
 EvaluationReport   ``evaluation.json``                   HTML table, accuracy-vs-latency
                                                          frontier and confusion (PNG)
 GateDecision       ``gate_decision.json``                HTML check table
@@ -54,6 +55,7 @@ from kdpipe.model_card_view import card_html, card_markdown
 from kdpipe.onnx_teacher import ONNX_FILE as ONNX_TEACHER_FILE
 from kdpipe.onnx_teacher import OnnxTeacherBundle, load_onnx_teacher, save_onnx_teacher
 from kdpipe.promotion import PromotionResult
+from kdpipe.quantize_report import QuantizeOutcome
 
 
 def _pin_import_paths(*classes: type[Any]) -> None:
@@ -71,7 +73,7 @@ def _pin_import_paths(*classes: type[Any]) -> None:
 
 
 _pin_import_paths(DatasetSpec, Bundle, OnnxTeacherBundle, ExportResult, EvaluationReport,
-                  GateDecision, PromotionResult, ModelCard)
+                  GateDecision, PromotionResult, ModelCard, QuantizeOutcome)
 
 _CSS = ("body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}")
@@ -296,6 +298,60 @@ class OnnxExportMaterializer(_FileMaterializer):
                 ("sha256", data.sha256), ("opset / exporter", f"{data.opset} / {data.exporter}"),
                 ("parity", data.parity.describe()), *data.metadata.items()]
         return self._save_html("export.html", _page("ONNX export", _table(rows)))
+
+
+class QuantizedOnnxMaterializer(_FileMaterializer):
+    """:class:`kdpipe.quantize_report.QuantizeOutcome`: ``quantize.json`` and, when there is
+    an INT8 candidate, its ``.onnx`` under its own name (``path`` stored as the file name
+    and pointed at a local copy on :meth:`load`, as for :class:`OnnxExportMaterializer`)."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (QuantizeOutcome,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
+    RESULT_FILE: ClassVar[str] = "quantize.json"
+
+    def load(self, data_type: type[QuantizeOutcome]) -> QuantizeOutcome:
+        outcome = QuantizeOutcome.model_validate_json(self._read(self.RESULT_FILE))
+        if outcome.result is None:
+            return outcome
+        result = outcome.result
+        with self.get_temporary_directory(delete_at_exit=False) as tmp:
+            local = Path(tmp) / result.filename
+            fileio.copy(self._path(result.filename), str(local), overwrite=True)
+        digest = hashlib.sha256(local.read_bytes()).hexdigest()
+        if digest != result.sha256:
+            raise ValueError(f"{self._path(result.filename)} has sha256 {digest} but the artifact "
+                             f"records {result.sha256}: the stored INT8 ONNX file was modified")
+        return outcome.model_copy(update={"result": result.model_copy(update={"path": str(local)})})
+
+    def save(self, data: QuantizeOutcome) -> None:
+        stored = data
+        if data.result is not None:
+            fileio.copy(data.result.path, self._path(data.result.filename), overwrite=True)
+            stored = data.model_copy(update={"result": data.result.model_copy(
+                update={"path": data.result.filename})})
+        self._write(self.RESULT_FILE, stored.model_dump_json(indent=2))
+
+    def _files(self, data: QuantizeOutcome) -> list[str]:
+        return ([data.result.filename] if data.result is not None else []) + [self.RESULT_FILE]
+
+    def compute_content_hash(self, data: QuantizeOutcome) -> str:
+        return self._hash_files(self._files(data))
+
+    def extract_metadata(self, data: QuantizeOutcome) -> dict[str, MetadataType]:
+        return dict(data.metadata())
+
+    def save_visualizations(self, data: QuantizeOutcome) -> dict[str, VisualizationType]:
+        rows: list[tuple[str, Any]] = [("INT8 candidate", data.reason)]
+        if data.result is not None:
+            r = data.result
+            rows += [("file", r.filename), ("size (MB)", f"{r.size_bytes / 1e6:.3f}"),
+                     ("FP32 size (MB)", f"{r.fp32_size_bytes / 1e6:.3f}"),
+                     ("settings", r.settings.short), ("why these types", r.settings.reason),
+                     ("calibration", f"{r.settings.calibration_method}, "
+                                     f"{r.settings.calibration_size} samples"),
+                     ("kept in FP32", ", ".join(r.excluded_nodes) or "none"),
+                     *[(f"warning {i + 1}", w) for i, w in enumerate(r.warnings)]]
+        return self._save_html("quantize.html", _page("INT8 quantisation", _table(rows)))
 
 
 # ---------------------------------------------------------- evaluation and gate

@@ -5,6 +5,8 @@ promotion lock and the ``rejected`` tag are :func:`kdpipe.champion.promote_candi
 this step supplies the stores (MLflow registered model + alias ``champion``; this run's
 ZenML model version, stage ``production``) and logs the outcome. A rejection is a normal
 outcome of scheduled retraining: the run succeeds unless ``gate.fail_run_on_reject``.
+The file promoted is the candidate the gate chose (``gate_decision.chosen``): the FP32
+export, or its INT8 version from ``quantize_onnx``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from kdpipe.champion import (
     raise_if_rejected,
 )
 from kdpipe.config import GateConfig, TrackingConfig
-from kdpipe.evaluation import EvaluationReport
+from kdpipe.evaluation import INT8_CANDIDATE, EvaluationReport
 from kdpipe.export import ExportResult
 from kdpipe.gate import GateDecision
-from kdpipe.promotion import PromotionResult
+from kdpipe.promotion import PromotionError, PromotionResult
+from kdpipe.quantize_report import QuantizeOutcome, QuantizeResult
 from kdpipe.tracking import log_metrics
 from steps.materializers import PromotionResultMaterializer
 from steps.tracking_context import mlflow_run
@@ -43,16 +46,19 @@ def promote_student(
     tracking_cfg: TrackingConfig,
     gate_cfg: GateConfig,
     evaluation: EvaluationReport | None = None,
+    student_onnx_int8: QuantizeOutcome | None = None,
 ) -> Annotated[PromotionResult, "promotion"]:
     """Promote this run's student when the gate passed; record the rejection otherwise.
 
-    ``evaluation`` (the report the gate decided on) enables the stale-production check.
+    ``evaluation`` (the report the gate decided on) enables the stale-production check;
+    ``student_onnx_int8`` is the INT8 candidate (needed when the gate chose it).
     Raises PromotionError (a registry failed; the message says what was restored) or
     GateRejectedError (rejected and ``gate_cfg.fail_run_on_reject`` is true).
     """
     model = get_step_context().model
     candidate = build_candidate(student_onnx, pruned_student, teacher,
-                                lineage_model=model.name, version=str(model.version))
+                                lineage_model=model.name, version=str(model.version),
+                                int8=chosen_int8(gate_decision, student_onnx_int8))
     with mlflow_run(tracking_cfg) as uri:
         log_metrics(gate_decision.metadata(), "gate")
         champions = MlflowChampionStore(tracking_cfg.registered_model, tracking_uri=uri,
@@ -64,3 +70,19 @@ def promote_student(
     (logger.info if result.promoted else logger.warning)(result.summary())
     raise_if_rejected(result, gate_decision, fail_run_on_reject=gate_cfg.fail_run_on_reject)
     return result
+
+
+def chosen_int8(decision: GateDecision, outcome: QuantizeOutcome | None) -> QuantizeResult | None:
+    """The INT8 file to promote when the gate chose the INT8 candidate, else None.
+
+    Raises:
+        PromotionError: the gate chose INT8 but this step was given no INT8 model.
+    """
+    if not decision.passed or decision.promote != INT8_CANDIDATE:
+        return None
+    if outcome is None or outcome.result is None:
+        raise PromotionError(
+            "the gate chose the INT8 candidate but promote_student got no INT8 model "
+            f"({'no student_onnx_int8 input' if outcome is None else outcome.reason}); "
+            "wire quantize_onnx's output into promote_student")
+    return outcome.result

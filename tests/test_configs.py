@@ -14,7 +14,8 @@ from kdpipe.validate import find_problems
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 PIPELINE_STEPS = {"ingest_data", "finetune_teacher", "distill_student", "prune_student",
-                  "export_onnx", "evaluate_models", "gate_student", "promote_student"}
+                  "export_onnx", "quantize_onnx", "evaluate_models", "gate_student",
+                  "promote_student"}
 
 
 def _distill_configs() -> list[Path]:
@@ -24,7 +25,7 @@ def _distill_configs() -> list[Path]:
 def test_the_expected_configs_are_shipped() -> None:
     names = {p.name for p in CONFIGS}
     assert {"default.yaml", "smoke.yaml", "cifar10.yaml", "cifar100.yaml",
-            "imagefolder.yaml"} <= names
+            "imagefolder.yaml", "int8.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", _distill_configs(), ids=lambda p: p.name)
@@ -58,6 +59,15 @@ def test_default_config_is_the_cpu_mnist_run() -> None:
     assert cfg.data.source == "mnist5k"
     assert (cfg.teacher.model.arch, cfg.student.model.arch) == ("cnn_large", "cnn_medium")
     assert cfg.prune.enabled and cfg.data.download is False
+
+
+def test_int8_config_gates_an_int8_resnet20_by_speed() -> None:
+    cfg = load_config(CONFIGS[0].parent / "int8.yaml")
+    assert cfg.quantize.enabled and cfg.student.model.arch == "resnet20"
+    assert not cfg.prune.enabled  # the unpruned resnet20 is the shape INT8 is fast on
+    assert (cfg.gate.prefer, cfg.gate.prefer_tolerance) == ("fastest", 0.003)
+    assert 1 in cfg.evaluate.latency_batch_sizes and cfg.data.download is False
+    assert not load_config(CONFIGS[0].parent / "default.yaml").quantize.enabled
 
 
 def test_smoke_config_is_tiny() -> None:

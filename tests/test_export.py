@@ -69,6 +69,7 @@ def test_metadata_describes_the_model(exported) -> None:
     assert meta["weights_sha256"] == bundle.spec.weights_sha256
     assert meta["source_run"] == "run-42" and meta["kdpipe_version"]
     assert result.metadata["arch"] == "cnn_small"
+    assert meta["precision"] == "fp32"  # an INT8 version says "int8" (kdpipe.quantize)
 
 
 @pytest.mark.parametrize("batch", [1, 16])

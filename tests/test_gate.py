@@ -230,3 +230,96 @@ def test_report_metadata_and_html() -> None:
     page = report.to_html()
     assert page.count("<tr>") >= 5 + 1 + 3  # header + 5 models; confusion header + 2 rows
     assert "Confusion matrix" in page
+
+
+# ------------------------------------------------------- candidates: FP32 and INT8
+def with_int8(report: EvaluationReport, *, accuracy: float, p50_b1: float | None,
+              size_bytes: int = 600_000, agreement: float | None = 0.998) -> EvaluationReport:
+    """``report`` plus an INT8 candidate of the same model with the given numbers."""
+    fp32 = report.models["onnx"]
+    int8 = _model("onnx_int8", accuracy, params=fp32.params or 0, macs=fp32.macs or 0,
+                  size_bytes=size_bytes, p50_b1=p50_b1).model_copy(
+        update={"runtime": "onnxruntime", "precision": "int8", "agreement": agreement})
+    fp32 = fp32.model_copy(update={"precision": "fp32"})
+    return report.model_copy(update={"models": {**report.models, "onnx": fp32,
+                                                "onnx_int8": int8}})
+
+
+def test_fastest_promotes_a_faster_int8_within_the_tolerance() -> None:
+    report = with_int8(make_report(candidate=0.93, p50_b1=1.5), accuracy=0.928, p50_b1=0.7)
+    decision = decide(report, GateConfig(min_gain_vs_production=None))
+    assert decision.passed and decision.chosen == "onnx_int8" == decision.promote
+    assert [v.name for v in decision.candidates] == ["onnx", "onnx_int8"]
+    assert all(v.passed for v in decision.candidates)
+    assert "min_agreement" in [c.name for c in decision.checks]  # the INT8 table decides
+    assert "onnx_int8 0.7 ms" in decision.choice and "onnx 1.5 ms" in decision.choice
+
+
+def test_a_slower_int8_is_not_promoted_because_it_is_int8() -> None:
+    # The default student's case: smaller and as accurate, but slower at batch 1.
+    report = with_int8(make_report(candidate=0.93, p50_b1=0.20), accuracy=0.93, p50_b1=0.27)
+    decision = decide(report, GateConfig(min_gain_vs_production=None))
+    assert decision.chosen == "onnx"
+    assert [c.name for c in decision.checks] == ["min_accuracy", "max_drop_vs_teacher",
+                                                 "max_parity_error", "min_compression"]
+
+
+def test_a_faster_int8_outside_the_tolerance_loses_to_the_more_accurate_fp32() -> None:
+    report = with_int8(make_report(candidate=0.93, p50_b1=1.5), accuracy=0.926, p50_b1=0.5)
+    decision = decide(report, GateConfig(min_gain_vs_production=None))  # 0.4 points > 0.3
+    assert decision.chosen == "onnx"
+    assert "outside the tolerance: onnx_int8 0.9260" in decision.choice
+    wider = decide(report, GateConfig(min_gain_vs_production=None, prefer_tolerance=0.005))
+    assert wider.chosen == "onnx_int8"
+
+
+@pytest.mark.parametrize(("prefer", "int8_accuracy", "chosen"), [
+    ("smallest", 0.925, "onnx_int8"),      # 0.6 MB vs 2 MB, whatever it costs in speed
+    ("most_accurate", 0.93, "onnx"),       # a tie goes to FP32
+    ("most_accurate", 0.931, "onnx_int8"),
+])
+def test_prefer_smallest_and_most_accurate(prefer: str, int8_accuracy: float, chosen: str) -> None:
+    report = with_int8(make_report(candidate=0.93, p50_b1=1.0), accuracy=int8_accuracy,
+                       p50_b1=3.0)
+    decision = decide(report, GateConfig(min_gain_vs_production=None, prefer=prefer))
+    assert decision.chosen == chosen, decision.choice
+    assert decision.metadata()["gate_chosen"] == chosen
+
+
+def test_an_int8_that_disagrees_with_fp32_fails_its_own_table_only() -> None:
+    report = with_int8(make_report(candidate=0.93, p50_b1=1.5), accuracy=0.93, p50_b1=0.5,
+                       agreement=0.95)
+    decision = decide(report, GateConfig(min_gain_vs_production=None))
+    fp32, int8 = decision.candidates
+    assert fp32.passed and not int8.passed
+    assert int8.reasons == ["min_agreement: 0.95 < 0.99"]
+    assert decision.chosen == "onnx" and decision.passed
+
+
+def test_no_passing_candidate_rejects_with_every_candidates_reasons() -> None:
+    report = with_int8(make_report(candidate=0.85, p50_b1=1.5), accuracy=0.84, p50_b1=0.5)
+    decision = decide(report, only(min_accuracy=0.9))
+    assert not decision.passed and decision.chosen is None
+    assert decision.reasons == ["onnx: min_accuracy: 0.85 < 0.9",
+                                "onnx_int8: min_accuracy: 0.84 < 0.9"]
+    assert decision.checks == decision.candidates[0].checks  # FP32's table when rejected
+
+
+def test_summary_and_html_show_both_candidates_and_the_choice() -> None:
+    report = with_int8(make_report(candidate=0.93, p50_b1=1.5), accuracy=0.93, p50_b1=0.6)
+    decision = decide(report, GateConfig(min_gain_vs_production=None))
+    text = decision.summary()
+    assert text.splitlines()[0] == "gate: PASSED"
+    assert " candidate onnx (FP32): passed" in text
+    assert " candidate onnx_int8 (INT8): passed" in text
+    assert "choice (fastest): fastest p50 at batch 1" in text
+    page = decision.to_html()
+    assert "candidate onnx_int8 (INT8)" in page and "promote onnx_int8" in page
+    assert GateDecision.model_validate_json(decision.model_dump_json()) == decision
+
+
+def test_fastest_without_a_batch_1_latency_takes_the_most_accurate() -> None:
+    report = with_int8(make_report(candidate=0.93, p50_b1=None), accuracy=0.931, p50_b1=None)
+    decision = decide(report, GateConfig(min_gain_vs_production=None))
+    assert decision.chosen == "onnx_int8"
+    assert decision.choice.startswith("no batch-1 latency measured")

@@ -7,7 +7,9 @@ once per module, in this order:
    later runs call the same CLI code in this process);
 2. ``gate_changed``: only the gate thresholds differ (min_accuracy 0.99 → rejected);
 3. ``unchanged``: the same configuration as (2) again;
-4. ``data_changed``: another ``data.split_seed`` (new split, new fingerprint).
+4. ``data_changed``: another ``data.split_seed`` (new split, new fingerprint), with one
+   teacher assistant and ``quantize.enabled`` (the INT8 candidate; the runs before it
+   are the FP32 pipeline, step for step).
 
 The caching contract is read from ZenML's own run records (step status).
 """
@@ -68,7 +70,7 @@ def test_metric_logging_outside_a_run_says_how_to_fix() -> None:
 def _write_config(tmp: Path, name: str, **changes: dict[str, Any]) -> Path:
     data = yaml.safe_load(SMOKE.read_text())
     for section, values in changes.items():
-        data["parameters"][section].update(values)
+        data["parameters"].setdefault(section, {}).update(values)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -105,9 +107,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory,
     strict_gate = _write_config(tmp, "strict_gate", gate={"min_accuracy": 0.99})
     out["gate_changed"] = run(strict_gate, "kd-gate-changed")
     out["unchanged"] = run(strict_gate, "kd-unchanged")
-    # New data retrains everything; this run also puts one teacher assistant in the chain.
+    # New data retrains everything; this run also puts one teacher assistant in the chain
+    # and adds the INT8 candidate.
     new_split = _write_config(tmp, "new_split", data={"split_seed": 1}, gate={"min_accuracy": 0.99},
-                              distill={"assistants": [ASSISTANT]})
+                              distill={"assistants": [ASSISTANT]},
+                              quantize={"enabled": True, "calibration_size": 100})
     out["data_changed"] = run(new_split, "kd-data-changed")
     return out
 
@@ -355,3 +359,41 @@ def test_a_rejected_candidate_gets_a_card_too(runs: dict[str, Any]) -> None:
     assert not any(p.promoted for p in card.frontier)
     with_assistant = _output(runs["data_changed"], "publish_model_card", "model_card").load()
     assert with_assistant.lineage.assistants == ["cnn_tiny {'width': 6}"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_int8_candidate_is_a_tracked_step_evaluated_gated_and_logged(runs: dict[str, Any]) -> None:
+    import mlflow
+
+    from kdpipe.quantize_report import QuantizeOutcome
+
+    assert "quantize_onnx" not in runs["first"].steps  # quantize.enabled: false: FP32 only
+    run = runs["data_changed"]
+    output = _output(run, "quantize_onnx", "student_onnx_int8")
+    outcome = output.load()
+    assert isinstance(outcome, QuantizeOutcome) and outcome.available, outcome.reason
+    assert output.run_metadata["int8_available"] is True
+    assert outcome.fp32_sha256 == _output(run, "export_onnx", "student_onnx").load().sha256
+    assert run.steps["evaluate_models"].inputs["student_onnx_int8"][0].id == output.id
+    assert run.steps["promote_student"].inputs["student_onnx_int8"][0].id == output.id
+    evaluation = _output(run, "evaluate_models", "evaluation").load()
+    int8 = evaluation.models["onnx_int8"]
+    assert int8.precision == "int8" and 0.0 <= int8.agreement <= 1.0
+    assert int8.size_bytes == outcome.result.size_bytes
+    decision = _output(run, "gate_student", "gate_decision").load()
+    assert [v.name for v in decision.candidates] == ["onnx", "onnx_int8"]
+    out = runs["stdout"]["kd-data-changed"]
+    for text in ("student (ONNX INT8)", " candidate onnx (FP32):", " candidate onnx_int8 (INT8):",
+                 "INT8 vs FP32 ONNX: argmax agreement", "INT8 candidate (accuracy control"):
+        assert text in out, text
+    # Both candidates are models of the run's one MLflow run.
+    experiment = yaml.safe_load(SMOKE.read_text())["parameters"]["tracking"]["experiment"]
+    (mlflow_run,) = mlflow.search_runs(experiment_names=[experiment], output_format="list",
+                                       filter_string="attributes.run_name = 'kd-data-changed'")
+    models = mlflow.search_logged_models(
+        experiment_ids=[mlflow_run.info.experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{mlflow_run.info.run_id}'")
+    assert {"student_onnx", "student_onnx_int8"} <= {m.name for m in models}
+    assert mlflow_run.data.tags["quantize.int8_candidate"] == outcome.reason[:4000]
+    assert "quantize/int8_onnx_bytes" in mlflow_run.data.metrics

@@ -8,8 +8,10 @@ evaluate / gate / promote steps (the Model Control Plane needs a pipeline run):
     C  untrained candidate, worse than B            -> rejected, nothing moves
     D  passing candidate, MLflow alias call fails   -> step fails, nothing moves
     F  rejected with gate.fail_run_on_reject        -> step fails after recording
+    Q  B's model again, with its INT8 version (the real quantize_onnx step); the gate
+       prefers the smallest passing candidate   -> the INT8 file is promoted
 
-then the predict pipeline, which must use exactly B's weights. Each test asserts one
+then the predict pipeline, which must use exactly Q's INT8 weights. Each test asserts one
 phase's snapshot. A ZenML failure *after* the alias moved is driven through
 :func:`kdpipe.champion.promote_candidate` directly (the real MLflow registry, the real
 ZenML store with a failing stage change); every path on in-memory stores:
@@ -40,6 +42,7 @@ from kdpipe.config import (
     GateConfig,
     ModelConfig,
     PredictConfig,
+    QuantizeConfig,
     TeacherConfig,
     TrackingConfig,
     TrainConfig,
@@ -60,6 +63,7 @@ from steps.gate_student import gate_student
 from steps.load_champion import load_champion
 from steps.materializers import BundleMaterializer, DatasetSpecMaterializer, OnnxExportMaterializer
 from steps.promote_student import promote_student
+from steps.quantize_onnx import quantize_onnx
 from steps.zenml_stage_store import ZenmlStageStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -71,6 +75,7 @@ EVAL = EvalConfig(latency_batch_sizes=(1, 8), latency_repeats=3, latency_warmup=
 # Only the production comparison and parity decide: the scenario is about "better / worse".
 GATE = GateConfig(min_accuracy=None, max_drop_vs_teacher=None, min_compression=None,
                   min_gain_vs_production=-0.005, max_parity_error=1e-3)
+QUANTIZE = QuantizeConfig(enabled=True, calibration_size=100)
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -99,14 +104,17 @@ def make_candidate(trained: bool, seed: int) -> tuple[
 
 
 @pipeline(enable_cache=False)
-def promotion_pipeline(trained: bool, seed: int, gate: GateConfig) -> None:
+def promotion_pipeline(trained: bool, seed: int, gate: GateConfig, quantize: bool = False) -> None:
     dataset, teacher, student, pruned, onnx = make_candidate(trained=trained, seed=seed)
+    int8 = ({"student_onnx_int8": quantize_onnx(dataset=dataset, student_onnx=onnx,
+                                                quantize_cfg=QUANTIZE, tracking_cfg=TRACKING)}
+            if quantize else {})
     evaluation = evaluate_models(dataset=dataset, teacher=teacher, student=student,
                                  pruned_student=pruned, student_onnx=onnx, evaluate_cfg=EVAL,
-                                 tracking_cfg=TRACKING)
+                                 tracking_cfg=TRACKING, **int8)
     decision = gate_student(evaluation=evaluation, gate_cfg=gate)
     promote_student(gate_decision=decision, student_onnx=onnx, pruned_student=pruned,
-                    teacher=teacher, tracking_cfg=TRACKING, gate_cfg=gate)
+                    teacher=teacher, tracking_cfg=TRACKING, gate_cfg=gate, **int8)
 
 
 # ------------------------------------------------------------------- the scenario
@@ -124,13 +132,14 @@ def _latest_run(name: str = "promotion_pipeline") -> Any:
     return Client().get_pipeline(name).last_run
 
 
-def _phase(trained: bool, seed: int, gate: GateConfig = GATE) -> dict[str, Any]:
+def _phase(trained: bool, seed: int, gate: GateConfig = GATE, quantize: bool = False
+           ) -> dict[str, Any]:
     """Run the pipeline once; snapshot the registries and the step's outcome."""
     before = {"stages": _stages(), "champion": _champion()}
     error = None
     try:
         promotion_pipeline.with_options(model=Model(name=NAME))(trained=trained, seed=seed,
-                                                                gate=gate)
+                                                                gate=gate, quantize=quantize)
     except Exception as err:  # the scenario records failures; tests assert them
         error = err
     run = _latest_run()
@@ -144,6 +153,8 @@ def _phase(trained: bool, seed: int, gate: GateConfig = GATE) -> dict[str, Any]:
     out["result"] = (promote.outputs["promotion"][0].load() if "promotion" in promote.outputs
                      else None)
     out["onnx"] = steps["make_candidate"].outputs["student_onnx"][0].load()
+    out["int8"] = (steps["quantize_onnx"].outputs["student_onnx_int8"][0].load()
+                   if "quantize_onnx" in steps else None)
     failed = promote.exception_info
     out["step_error"] = failed.traceback.strip().splitlines()[-1] if failed else None
     out["tags"] = [t.name for t in Client().get_model_version(NAME, version).tags]
@@ -170,6 +181,8 @@ def scenario(session_dir: Path) -> dict[str, dict[str, Any]]:
         phases["D"] = _phase(trained=False, seed=2, gate=always)
     strict = GATE.model_copy(update={"fail_run_on_reject": True})
     phases["F"] = _phase(trained=False, seed=4, gate=strict)
+    smallest = always.model_copy(update={"prefer": "smallest", "min_agreement": 0.9})
+    phases["Q"] = _phase(trained=True, seed=0, gate=smallest, quantize=True)
     return phases
 
 
@@ -252,7 +265,8 @@ def _versions(name: str) -> list[Any]:
 
 
 def test_zenml_failure_after_the_alias_moved_restores_the_alias(scenario: dict) -> None:
-    champion, stages = scenario["F"]["champion"], scenario["F"]["stages"]
+    last = scenario["Q"]  # the scenario's last phase: its champion and stages are current
+    champion, stages = last["champion"], last["stages"]
     d = scenario["D"]  # its ONNX differs from the champion's, so it is registered again
     champions = MlflowChampionStore(NAME, tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
                                     experiment=NAME)
@@ -289,19 +303,33 @@ def test_fail_run_on_reject_fails_after_recording(scenario: dict) -> None:
     assert f["stages"] == {**d["stages"], f["version"]: None}
 
 
+def test_the_chosen_int8_candidate_is_promoted_with_its_precision(scenario: dict) -> None:
+    q, f = scenario["Q"], scenario["F"]
+    assert q["error"] is None and q["int8"] is not None and q["int8"].available
+    assert q["decision"].chosen == "onnx_int8", q["decision"].summary()
+    assert q["result"].promoted and q["result"].precision == "int8"
+    assert "promoted onnx_int8: smallest .onnx file" in q["result"].reasons[0]
+    assert q["champion"] == q["result"].mlflow_version != f["champion"]
+    assert q["stages"][q["version"]] == "production"
+    version = MlflowClient().get_model_version(NAME, q["champion"])
+    assert version.tags["precision"] == "int8"
+    assert version.tags["onnx_sha256"] == q["int8"].result.sha256 != q["onnx"].sha256
+
+
 def test_predict_uses_exactly_the_champions_weights(scenario: dict, tmp_path: Path) -> None:
-    b = scenario["B"]
+    # The champion is Q's INT8 file: predict serves it as it serves an FP32 one.
+    q = scenario["Q"]
     out = tmp_path / "predictions.csv"
     cfg = PredictConfig(data=DATA, split="test", batch_size=64, output_path=str(out))
     predict_pipeline(predict=cfg, tracking=TRACKING)
     run = _latest_run("predict_pipeline")
     champion = run.steps["load_champion"].outputs["champion"][0].load()
-    assert champion.version == scenario["F"]["champion"] == b["champion"]
+    assert champion.version == q["champion"] and champion.tags["precision"] == "int8"
     predictions = run.steps["predict_batch"].outputs["predictions"][0].load()
-    # Expected: B's own ONNX file (its artifact) on the same raw pixels.
+    # Expected: Q's own INT8 ONNX file (its artifact) on the same raw pixels.
     import onnxruntime as ort
 
-    session = ort.InferenceSession(b["onnx"].path, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(q["int8"].result.path, providers=["CPUExecutionProvider"])
     spec = build_dataset_spec(DATA)
     x = torch.cat([x for x, *_ in make_loader(spec, "test", train=False, normalize=False)])
     probs = softmax(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
@@ -309,7 +337,8 @@ def test_predict_uses_exactly_the_champions_weights(scenario: dict, tmp_path: Pa
     assert [r.predicted for r in predictions.rows] == [spec.classes[i] for i in probs.argmax(1)]
     np.testing.assert_allclose([r.probability for r in predictions.rows], probs.max(1),
                                atol=1e-6)
-    assert predictions.accuracy == pytest.approx(b["evaluation"].candidate.accuracy, abs=1e-12)
+    assert predictions.accuracy == pytest.approx(
+        q["evaluation"].models["onnx_int8"].accuracy, abs=1e-12)
     assert out.read_text().splitlines()[0] == "key,predicted,probability,label"
     assert len(out.read_text().splitlines()) == len(predictions.rows) + 1
 

@@ -223,6 +223,7 @@ def test_int8_file_is_quantised_and_carries_fp32_metadata_and_settings(int8, fp3
     assert int8.sha256 == hashlib.sha256(data).hexdigest() and int8.size_bytes == len(data)
     assert int8.fp32_sha256 == hashlib.sha256(fp32.read_bytes()).hexdigest()
     meta, fp32_meta = read_metadata(int8.path), read_metadata(fp32)
+    assert fp32_meta.pop("precision") == "fp32"
     assert {k: meta[k] for k in fp32_meta} == fp32_meta  # classes, mean/std, source run ...
     assert meta["precision"] == "int8" and meta["source_run"] == "run-7"
     settings = json.loads(meta["quantization"])

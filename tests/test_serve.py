@@ -1,5 +1,8 @@
 """MLflow's own model server serves the champion: its answer equals ONNX Runtime's.
 
+The champion here is an INT8 file (kdpipe.quantize, the pipeline's INT8 candidate):
+served exactly as an FP32 one (float32 raw pixels in, float32 logits out).
+
     make serve MODEL=<name> PORT=<port>
     (= mlflow models serve -m "models:/<name>@champion" --env-manager local, venv on PATH)
 
@@ -27,10 +30,11 @@ import torch
 from mlflow import MlflowClient
 
 from kdpipe.bundle import Bundle
-from kdpipe.config import ExportConfig
+from kdpipe.config import ExportConfig, QuantizeConfig
 from kdpipe.export import export_onnx
 from kdpipe.models import create_model
 from kdpipe.promotion import register_onnx_model, set_champion
+from kdpipe.quantize import quantize_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -48,7 +52,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def champion(session_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ONNX student registered and aliased ``champion``; returns its file."""
+    """A tiny ONNX student, quantised to INT8, registered and aliased ``champion``;
+    returns its file."""
     client = MlflowClient()
     if client.get_experiment_by_name(NAME) is None:  # artifacts in the session folder
         client.create_experiment(NAME, artifact_location=str(session_dir / "mlartifacts-serve"))
@@ -56,14 +61,17 @@ def champion(session_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     model = create_model("cnn_tiny", 10, 1).eval()
     bundle = Bundle.from_model(model, arch="cnn_tiny", classes=[str(i) for i in range(10)],
                                input_shape=SHAPE, mean=(0.3,), std=(0.2,))
-    onnx = export_onnx(bundle, tmp_path_factory.mktemp("serve") / "student.onnx",
-                       ExportConfig(exporter="torchscript"))
-    version = register_onnx_model(onnx.path, NAME, input_shape=SHAPE,
+    folder = tmp_path_factory.mktemp("serve")
+    onnx = export_onnx(bundle, folder / "student.onnx", ExportConfig(exporter="torchscript"))
+    calibration = np.random.default_rng(0).random((32, *SHAPE), dtype=np.float32)
+    int8 = quantize_model(onnx.path, folder / "student.int8.onnx", calibration,
+                          QuantizeConfig(enabled=True, max_drop=None))
+    version = register_onnx_model(int8.path, NAME, input_shape=SHAPE,
                                   metadata={"classes": bundle.spec.classes,
-                                            "input_shape": list(SHAPE)},
-                                  experiment=NAME)
+                                            "input_shape": list(SHAPE), "precision": "int8"},
+                                  tags={"precision": "int8"}, experiment=NAME)
     set_champion(NAME, version.version)
-    return Path(onnx.path)
+    return Path(int8.path)
 
 
 def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:

@@ -159,3 +159,40 @@ def test_assistants_are_checked_like_students_and_every_hop_like_a_pair() -> Non
                            "distill": {"assistants": [{"model": {"arch": "resnet56"}}]}})
     (warning,) = find_warnings(bigger)
     assert warning.startswith("distill.assistants[0] (resnet56, ") and "larger than" in warning
+
+
+# ------------------------------------------------------- the gate over candidates
+@pytest.mark.parametrize(("gate", "key"), [
+    ({"prefer": "cheapest"}, "parameters.gate.prefer"),
+    ({"prefer_tolerance": -0.1}, "parameters.gate.prefer_tolerance"),
+    ({"min_agreement": 1.5}, "parameters.gate.min_agreement"),
+])
+def test_bad_gate_preference_is_a_config_error_naming_the_key(gate: dict, key: str) -> None:
+    from kdpipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        parse_config({"gate": gate})
+    if "prefer" in gate:
+        assert "fastest" in str(err.value) and "most_accurate" in str(err.value)
+
+
+def test_fastest_without_a_batch_1_latency_is_a_problem_only_with_int8() -> None:
+    fp32_only = parse_config({"evaluate": {"latency_batch_sizes": [8, 64]}})
+    assert find_problems(fp32_only) == []
+    cfg = parse_config({"quantize": {"enabled": True, "calibration_size": 100},
+                        "evaluate": {"latency_batch_sizes": [8, 64]}})
+    (problem,) = find_problems(cfg)
+    assert problem.path == "parameters.gate.prefer"
+    assert "add 1 to evaluate.latency_batch_sizes" in problem.message
+    smallest = parse_config({"quantize": {"enabled": True, "calibration_size": 100},
+                             "evaluate": {"latency_batch_sizes": [8, 64]},
+                             "gate": {"prefer": "smallest"}})
+    assert find_problems(smallest) == []
+
+
+def test_deployment_sections_live_in_config_deploy_and_are_re_exported() -> None:
+    from kdpipe import config, config_deploy
+
+    for name in ("ExportConfig", "QuantizeConfig", "EvalConfig", "GateConfig"):
+        assert getattr(config, name) is getattr(config_deploy, name)
+        assert name in config.__all__

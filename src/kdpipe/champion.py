@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from kdpipe.eval_report import EvaluationReport
     from kdpipe.export_report import ExportResult
     from kdpipe.gate import GateDecision
+    from kdpipe.quantize_report import QuantizeResult
 
 __all__ = [
     "REJECTED_TAG",
@@ -76,7 +77,7 @@ __all__ = [
 REJECTED_TAG = "rejected"
 SUPERSEDED_TAG = "superseded"
 """Tag of a version not promoted because a concurrent run moved production first."""
-_TAG_KEYS = ("onnx_sha256", "zenml_model", "zenml_model_version")
+_TAG_KEYS = ("onnx_sha256", "precision", "zenml_model", "zenml_model_version")
 
 
 class GateRejectedError(RuntimeError):
@@ -92,8 +93,9 @@ class Candidate:
         onnx_path: the .onnx file to register.
         sha256: of that file (the byte-identical check compares it with the champion's).
         input_shape: (C, H, W), for the registered model's signature.
-        metadata: written into the registered version (classes, mean, std...); the keys
-            ``onnx_sha256``, ``zenml_model`` and ``zenml_model_version`` also become tags.
+        metadata: written into the registered version (classes, mean, std, precision...);
+            the keys ``onnx_sha256``, ``precision``, ``zenml_model`` and
+            ``zenml_model_version`` also become tags.
     """
 
     version: str
@@ -109,15 +111,26 @@ class Candidate:
 
 
 def build_candidate(onnx: ExportResult, pruned: Bundle, teacher: Bundle, *,
-                    lineage_model: str, version: str) -> Candidate:
+                    lineage_model: str, version: str, int8: QuantizeResult | None = None
+                    ) -> Candidate:
     """The candidate with the metadata the predict pipeline and a person reading the
-    registry need (``lineage_model``/``version``: the ZenML model and version names)."""
+    registry need (``lineage_model``/``version``: the ZenML model and version names).
+
+    ``int8``: promote this INT8 version of ``onnx`` (the gate chose it) instead of the
+    FP32 file; its precision and settings go into the metadata and tags.
+    """
     spec = pruned.spec
+    path, sha256 = (Path(onnx.path), onnx.sha256) if int8 is None else (Path(int8.path),
+                                                                        int8.sha256)
     meta = {"classes": list(spec.classes), "input_shape": list(spec.input_shape),
             "mean": list(spec.mean), "std": list(spec.std), "arch": spec.arch,
-            "teacher_arch": teacher.spec.arch, "onnx_sha256": onnx.sha256,
+            "teacher_arch": teacher.spec.arch, "onnx_sha256": sha256,
+            "precision": "fp32" if int8 is None else "int8",
             "zenml_model": lineage_model, "zenml_model_version": version}
-    return Candidate(version=version, onnx_path=Path(onnx.path), sha256=onnx.sha256,
+    if int8 is not None:
+        meta |= {"fp32_onnx_sha256": onnx.sha256, "quantization": int8.settings.short,
+                 "quantization_excluded": list(int8.excluded_nodes)}
+    return Candidate(version=version, onnx_path=path, sha256=sha256,
                      input_shape=tuple(spec.input_shape), metadata=meta)
 
 
@@ -278,10 +291,12 @@ def _promote_locked(candidate: Candidate, decision: GateDecision, stages: StageS
             f"{err}. Nothing changed: the alias and the production stage are as before "
             f"(version {version.version} stays registered without the alias)") from err
     _move_stage(candidate, stages, champions, version.version, previous)
+    chose = f"; promoted {decision.chosen}: {decision.choice}" if decision.chosen else ""
     return PromotionResult(
         promoted=True, model_version=candidate.version, registered_model=champions.name,
         mlflow_version=version.version, previous_champion=previous,
-        previous_production=production, reasons=["the gate passed"])
+        previous_production=production, reasons=[f"the gate passed{chose}"],
+        precision=candidate.metadata.get("precision"))
 
 
 def _register(candidate: Candidate, champions: ChampionStore) -> RegisteredVersion:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kdpipe.config_deploy import EvalConfig, ExportConfig, GateConfig, QuantizeConfig
 from kdpipe.config_inputs import DeclaredPreprocessing, OnnxTeacherSource, Preprocessing
 from kdpipe.uris import check_name_component, check_write_path, local_store_path
 
@@ -254,57 +255,6 @@ class PruneConfig(_Frozen):
     """Short KD fine-tune after each pruning step."""
 
 
-# -------------------------------------------------------------------------- export
-class ExportConfig(_Frozen):
-    opset: int = Field(18, ge=13, le=23)
-    """ONNX opset; the dynamo exporter emits 18+ natively (lower opsets go through ONNX's
-    version converter, which may fail for some ops)."""
-    exporter: Literal["dynamo", "torchscript"] = "dynamo"
-    """``dynamo`` (torch.export-based, the default since PyTorch 2.9) or the deprecated
-    TorchScript exporter, for a model the dynamo exporter cannot handle."""
-    atol: float = Field(1e-4, gt=0.0)
-    rtol: float = Field(1e-3, gt=0.0)
-    check_parity: bool = True
-    """When False, a parity failure is recorded but the model is still handed on."""
-    parity_batch_sizes: tuple[int, int] = (1, 16)
-
-
-class QuantizeConfig(_Frozen):
-    """INT8 static quantisation with ONNX Runtime; ``auto`` / None: chosen for the CPU
-    (``kdpipe.quantize.default_types``: QDQ U8S8 on x86, 7-bit weights without VNNI)."""
-
-    enabled: bool = False  # False keeps the FP32 pipeline unchanged
-    format: Literal["auto", "qdq", "qoperator"] = "auto"
-    activation_type: Literal["auto", "uint8", "int8"] = "auto"
-    weight_type: Literal["auto", "int8", "uint8"] = "auto"
-    per_channel: bool = True  # one weight scale per output channel
-    reduce_range: bool | None = None  # 7-bit weights
-    calibration_size: int = Field(512, ge=1)  # class-balanced sample of the train split
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    percentile: float = Field(99.999, gt=90.0, le=100.0)  # calibration_method: percentile
-    calibration_seed: int = 0
-    preprocess: bool = True  # ONNX Runtime's quant_pre_process (optimisation + shapes) first
-    nodes_to_exclude: tuple[str, ...] = ()  # node names of the pre-processed graph kept FP32
-    max_drop: float | None = Field(0.01, ge=0.0)
-    """Accuracy control: INT8 more than this below FP32 keeps the most sensitive operators
-    in FP32, one by one, until it is not. None disables it. (Type pairs: kdpipe.validate.)"""
-
-# ---------------------------------------------------------------------------- gate
-class GateConfig(_Frozen):
-    """Promotion thresholds; ``None`` disables a check."""
-
-    min_accuracy: float | None = Field(0.9, ge=0.0, le=1.0)
-    max_drop_vs_teacher: float | None = Field(0.03, ge=0.0)
-    min_gain_vs_production: float | None = -0.005
-    """Negative = tolerance: the candidate may be this much worse than production."""
-    max_latency_ms: float | None = Field(None, gt=0.0)
-    max_onnx_mb: float | None = Field(None, gt=0.0)
-    max_parity_error: float | None = Field(1e-3, gt=0.0)
-    min_compression: float | None = Field(5.0, ge=1.0)
-    compression_metric: Literal["params", "macs"] = "params"
-    fail_run_on_reject: bool = False
-
-
 # ------------------------------------------------------------------------ tracking
 class TrackingConfig(_Frozen):
     """MLflow experiment, registered model and tracking store (see docs/reliability.md)."""
@@ -342,12 +292,6 @@ class TrackingConfig(_Frozen):
         if path is not None:
             check_write_path(path, "tracking_uri", absolute_ok=True)
         return v
-
-
-class EvalConfig(_Frozen):
-    latency_batch_sizes: tuple[int, int] = (1, 64)
-    latency_repeats: int = Field(50, ge=3)
-    latency_warmup: int = Field(5, ge=0)
 
 
 # ------------------------------------------------------------------------- predict

@@ -12,11 +12,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["CANDIDATE", "PYTORCH_MODELS", "EvaluationError", "EvaluationReport",
-           "LatencyStats", "ModelEvaluation", "ProductionComparison"]
+__all__ = ["CANDIDATE", "CANDIDATES", "INT8_CANDIDATE", "PYTORCH_MODELS", "EvaluationError",
+           "EvaluationReport", "LatencyStats", "ModelEvaluation", "ProductionComparison"]
 
 CANDIDATE = "onnx"
-"""Key of the model that would be promoted: the exported ONNX student."""
+"""Key of the FP32 candidate: the exported ONNX student (always evaluated)."""
+INT8_CANDIDATE = "onnx_int8"
+"""Key of the INT8 candidate (``quantize.enabled`` and the quantiser succeeded)."""
+CANDIDATES = (CANDIDATE, INT8_CANDIDATE)
+"""Every model that may be promoted, in the gate's tie-break order (FP32 first)."""
 PYTORCH_MODELS = ("teacher", "student", "pruned_student")
 
 
@@ -55,6 +59,10 @@ class ModelEvaluation(_Frozen):
     size_bytes: int | None = None
     """Serialized weights (PyTorch) or the .onnx file's size."""
     latency: list[LatencyStats] = []
+    precision: Literal["fp32", "int8"] | None = None
+    """Numeric precision of a candidate's ONNX file (None for the PyTorch models)."""
+    agreement: float | None = None
+    """INT8 candidate: fraction of samples whose argmax equals the FP32 ONNX model's."""
 
     def latency_at(self, batch_size: int) -> LatencyStats | None:
         """The latency measured at ``batch_size``, or None when not measured."""
@@ -79,20 +87,27 @@ class EvaluationReport(_Frozen):
     input_shape: tuple[int, int, int]
     dataset_fingerprint: str
     models: dict[str, ModelEvaluation]
-    """Keys: ``teacher``, ``student``, ``pruned_student`` (PyTorch) and ``onnx``."""
+    """Keys: ``teacher``, ``student``, ``pruned_student`` (PyTorch), ``onnx`` and, when
+    there is an INT8 candidate, ``onnx_int8``."""
     parity_max_abs_diff: float
     """max |ONNX Runtime output - pruned PyTorch output| over the whole split."""
     production: ProductionComparison
 
     @property
     def candidate(self) -> ModelEvaluation:
-        """The model that would be promoted (the ONNX export of the pruned student)."""
+        """The FP32 candidate (the ONNX export of the pruned student)."""
         return self.models[CANDIDATE]
 
-    def compression(self, metric: Literal["params", "macs"]) -> float | None:
+    @property
+    def candidates(self) -> list[str]:
+        """Keys of the models that may be promoted, FP32 first."""
+        return [name for name in CANDIDATES if name in self.models]
+
+    def compression(self, metric: Literal["params", "macs"], name: str = CANDIDATE
+                    ) -> float | None:
         """Teacher / candidate ratio of ``params`` or ``macs`` (None when unmeasured)."""
         teacher = getattr(self.models["teacher"], metric)
-        candidate = getattr(self.candidate, metric)
+        candidate = getattr(self.models[name], metric)
         if not teacher or not candidate:
             return None
         return teacher / candidate
@@ -109,6 +124,8 @@ class EvaluationReport(_Frozen):
         }
         for name, ev in self.models.items():
             out[f"{name}_accuracy"] = ev.accuracy
+            if ev.agreement is not None:
+                out[f"{name}_agreement"] = ev.agreement
             for key in ("params", "macs", "size_bytes"):
                 if getattr(ev, key) is not None:
                     out[f"{name}_{key}"] = getattr(ev, key)

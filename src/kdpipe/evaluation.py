@@ -1,10 +1,11 @@
-"""Evaluate teacher, student, pruned student, the exported ONNX model and production.
+"""Evaluate teacher, student, pruned student, the ONNX candidates (FP32, INT8) and production.
 
 Everything is measured on one split (``test`` by default) in a single pass over the
 raw-pixel loader: each PyTorch model normalises the batch with its own bundle's mean /
 std, while ONNX models take the raw pixels in [0, 1] (their normalisation lives inside
 the graph). The same pass gives the parity error: the largest absolute difference
-between ONNX Runtime's outputs and the pruned PyTorch model's on every test sample.
+between ONNX Runtime's outputs and the pruned PyTorch model's on every test sample, and
+the INT8 candidate's argmax agreement with the FP32 one (the INT8 parity measure).
 
 The current production student is evaluated on the same split when it is compatible
 (same classes, same input shape); otherwise the report records why it was not, so that
@@ -29,6 +30,8 @@ import torch
 from kdpipe.config import EvalConfig
 from kdpipe.eval_report import (
     CANDIDATE,
+    CANDIDATES,
+    INT8_CANDIDATE,
     PYTORCH_MODELS,
     EvaluationError,
     EvaluationReport,
@@ -40,6 +43,8 @@ from kdpipe.preprocess import adapted_model
 
 __all__ = [
     "CANDIDATE",
+    "CANDIDATES",
+    "INT8_CANDIDATE",
     "PYTORCH_MODELS",
     "EvaluationError",
     "EvaluationReport",
@@ -200,28 +205,34 @@ def _check_logits(name: str, out: np.ndarray, batch: int, num_classes: int) -> N
 
 def _one_pass(dataset: Any, split: str, bundles: dict[str, torch.nn.Module],
               norms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-              onnx_run: Callable[[np.ndarray], np.ndarray],
-              prod_run: Callable[[np.ndarray], np.ndarray] | None) -> tuple[dict[str, _Tally], float]:
-    """Every model on every sample of ``split`` once; per-model tallies and the parity error."""
+              onnx_runs: dict[str, Callable[[np.ndarray], np.ndarray]],
+              prod_run: Callable[[np.ndarray], np.ndarray] | None
+              ) -> tuple[dict[str, _Tally], float, dict[str, float]]:
+    """Every model on every sample of ``split`` once: per-model tallies, the FP32 parity
+    error and each other ONNX candidate's argmax agreement with the FP32 one."""
     from kdpipe.data import make_loader
 
     k = len(dataset.classes)
-    tallies = {name: _Tally() for name in (*bundles, CANDIDATE, "production")}
-    parity = 0.0
+    tallies = {name: _Tally() for name in (*bundles, *onnx_runs, "production")}
+    parity, agree, seen = 0.0, dict.fromkeys(onnx_runs, 0), 0
     loader = make_loader(dataset, split, train=False, normalize=False)
     with torch.inference_mode():
         for x, y, *_ in loader:
             y_np, n = y.numpy(), len(y)
             outs = {name: m(norms[name](x)).float().numpy() for name, m in bundles.items()}
-            outs[CANDIDATE] = onnx_run(x.numpy())
+            outs |= {name: run(x.numpy()) for name, run in onnx_runs.items()}
             for name, out in outs.items():
                 _check_logits(name, out, n, k)
                 tallies[name].add(out, y_np)
             # Parity on every sample of the split, not only on the export's example input.
             parity = max(parity, float(np.abs(outs[CANDIDATE] - outs["pruned_student"]).max()))
+            fp32 = outs[CANDIDATE].argmax(axis=1)
+            for name in onnx_runs:
+                agree[name] += int((outs[name].argmax(axis=1) == fp32).sum())
+            seen += n
             if prod_run is not None:
                 tallies["production"].add(prod_run(x.numpy()), y_np)
-    return tallies, parity
+    return tallies, parity, {name: hits / max(seen, 1) for name, hits in agree.items()}
 
 
 def evaluate_models(
@@ -232,6 +243,7 @@ def evaluate_models(
     onnx_path: str | Path,
     cfg: EvalConfig,
     *,
+    int8_path: str | Path | None = None,
     production: ProductionCandidate | None = None,
     production_reason: str = "no production model",
     split: str = "test",
@@ -244,43 +256,64 @@ def evaluate_models(
             (``.model``, ``.spec.mean`` / ``.std``); the ONNX file is the pruned student's.
         onnx_path: the exported student (raw-pixel input, normalisation inside).
         cfg: latency batch sizes, repeats and warm-up.
-        production: the current production student, or None.
-        production_reason: why ``production`` is None (recorded in the report).
+        int8_path: the INT8 candidate (the quantised ``onnx_path``), evaluated like the
+            FP32 one plus its argmax agreement with it; None: no INT8 candidate.
+        production: the current production student, or None; ``production_reason``:
+            why it is None (recorded in the report).
         split: the split to evaluate on.
 
     Returns:
         The report; an incompatible or unreadable production model is a recorded reason.
 
     Raises:
-        EvaluationError: the candidate ONNX model is unreadable or not one logit per class.
+        EvaluationError: a candidate ONNX model is unreadable or not one logit per class.
     """
     shape, k = tuple(dataset.input_shape), len(dataset.classes)
     bundles = {"teacher": teacher, "student": student, "pruned_student": pruned_student}
     norms = {n: _normalizer(b.spec.mean, b.spec.std) for n, b in bundles.items()}
     # Each model behind its declared preprocessing (a teacher trained elsewhere).
     nets = {n: adapted_model(b).eval() for n, b in bundles.items()}
-    onnx_run = _ort_runner(onnx_session(onnx_path), f"the ONNX model {onnx_path}")
+    files = {CANDIDATE: Path(onnx_path)} | ({} if int8_path is None
+                                           else {INT8_CANDIDATE: Path(int8_path)})
+    runs = {n: _ort_runner(onnx_session(p), f"the ONNX model {p}") for n, p in files.items()}
     prod_run, prod_status = _open_production(production, production_reason, dataset)
-    tallies, parity = _one_pass(dataset, split, nets, norms, onnx_run, prod_run)
+    tallies, parity, agreement = _one_pass(dataset, split, nets, norms, runs, prod_run)
     models = {}
     for name, net in nets.items():
         runtime, sizes = _runtime_and_sizes(net, shape)
         models[name] = tallies[name].result(
             name, runtime, k, **sizes,
             latency=_torch_latency(_normalized(net, norms[name]), shape, cfg))
-    pruned = models["pruned_student"]
-    models[CANDIDATE] = tallies[CANDIDATE].result(
-        CANDIDATE, "onnxruntime", k, params=pruned.params, macs=pruned.macs,
-        size_bytes=Path(onnx_path).stat().st_size, latency=_onnx_latency(onnx_run, shape, cfg))
+    for name, path in files.items():
+        models[name] = _candidate_result(name, path, tallies[name], runs[name],
+                                         models["pruned_student"], agreement, shape, cfg)
     if prod_run is not None:
         assert production is not None
-        prod_status = prod_status.model_copy(update={"evaluation": tallies["production"].result(
-            "production", "onnxruntime", k, params=production.params, macs=production.macs,
-            size_bytes=production.onnx_path.stat().st_size,
-            latency=_onnx_latency(prod_run, shape, cfg))})
+        prod_status = prod_status.model_copy(update={"evaluation": _production_result(
+            tallies["production"], production, prod_run, shape, k, cfg)})
     return EvaluationReport(split=split, classes=list(dataset.classes), input_shape=shape,
                             dataset_fingerprint=dataset.fingerprint, models=models,
                             parity_max_abs_diff=parity, production=prod_status)
+
+
+def _candidate_result(name: str, path: Path, tally: _Tally,
+                      run: Callable[[np.ndarray], np.ndarray], pruned: ModelEvaluation,
+                      agreement: dict[str, float], shape: Sequence[int], cfg: EvalConfig
+                      ) -> ModelEvaluation:
+    """An ONNX candidate's evaluation: the pruned student's sizes, its own file and speed."""
+    return tally.result(name, "onnxruntime", len(pruned.per_class_accuracy),
+                        params=pruned.params, macs=pruned.macs,
+                        size_bytes=path.stat().st_size, latency=_onnx_latency(run, shape, cfg),
+                        precision="fp32" if name == CANDIDATE else "int8",
+                        agreement=None if name == CANDIDATE else agreement[name])
+
+
+def _production_result(tally: _Tally, production: ProductionCandidate,
+                       run: Callable[[np.ndarray], np.ndarray], shape: Sequence[int], k: int,
+                       cfg: EvalConfig) -> ModelEvaluation:
+    return tally.result("production", "onnxruntime", k, params=production.params,
+                        macs=production.macs, size_bytes=production.onnx_path.stat().st_size,
+                        latency=_onnx_latency(run, shape, cfg))
 
 
 def _runtime_and_sizes(net: torch.nn.Module, shape: Sequence[int]) -> tuple[str, dict[str, Any]]:

@@ -172,6 +172,7 @@ def _metadata(bundle: Bundle, source_run: str | None) -> dict[str, str]:
         "mean": json.dumps(list(spec.mean)),
         "std": json.dumps(list(spec.std)),
         "arch": spec.arch,
+        "precision": "fp32",  # an INT8 version (kdpipe.quantize) says "int8"
         "kdpipe_version": kdpipe.__version__,
         "weights_sha256": spec.weights_sha256,
         "source_run": source_run or "",

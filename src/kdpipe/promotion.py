@@ -361,11 +361,14 @@ class PromotionResult(BaseModel):
     previous_production: str | None = None
     previous_champion: str | None = None
     reasons: list[str] = []
+    precision: str | None = None
+    """``fp32`` or ``int8``: the precision of the promoted ONNX file (None: not promoted)."""
 
     def summary(self) -> str:
         """One line for the terminal."""
         if self.promoted:
-            return (f"promoted: model version {self.model_version} is production; "
+            what = f" ({self.precision.upper()})" if self.precision else ""
+            return (f"promoted: model version {self.model_version}{what} is production; "
                     f"{self.registered_model}@{CHAMPION_ALIAS} -> version {self.mlflow_version}"
                     f" (was {self.previous_champion or 'unset'})")
         return (f"not promoted: model version {self.model_version} ("
@@ -378,4 +381,5 @@ class PromotionResult(BaseModel):
                 "mlflow_version": self.mlflow_version or "",
                 "previous_production": self.previous_production or "",
                 "previous_champion": self.previous_champion or "",
+                "precision": self.precision or "",
                 "reasons": "; ".join(self.reasons)}

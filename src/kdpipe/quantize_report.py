@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["ControlStep", "NodeError", "QuantSettings", "QuantizeError", "QuantizeResult",
-           "quantiser_failure"]
+__all__ = ["ControlStep", "NodeError", "QuantSettings", "QuantizeError", "QuantizeOutcome",
+           "QuantizeResult", "quantiser_failure"]
 
 
 class QuantizeError(RuntimeError):
@@ -134,6 +134,35 @@ class QuantizeResult(_Frozen):
         if self.within_limit is False:
             text += "; still above the limit with nothing left to exclude"
         return text
+
+
+class QuantizeOutcome(_Frozen):
+    """The ``quantize_onnx`` step's artifact: the INT8 candidate, or why there is none.
+
+    A quantiser failure is not a failed run: the FP32 candidate is still gated and can be
+    promoted, so the outcome records the reason instead (``result`` None).
+    """
+
+    result: QuantizeResult | None
+    reason: str
+    """``INT8 candidate: ...`` (its one-line description), or why there is no INT8 candidate."""
+    fp32_sha256: str
+    fp32_metadata: dict[str, str]
+    """The FP32 export's ONNX metadata (the INT8 file carries it too, plus its settings)."""
+
+    @property
+    def available(self) -> bool:
+        return self.result is not None
+
+    def metadata(self) -> dict[str, str | int | float | bool]:
+        """Flat values for the ZenML dashboard (settings and exclusions when available)."""
+        out: dict[str, str | int | float | bool] = {"int8_available": self.available,
+                                                     "reason": self.reason,
+                                                     "fp32_sha256": self.fp32_sha256}
+        if self.result is not None:
+            out |= {k: v for k, v in self.result.summary().items() if v is not None}
+            out["settings"] = self.result.settings.short
+        return out
 
 
 # ------------------------------------------------------------------ failures

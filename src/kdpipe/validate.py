@@ -388,4 +388,9 @@ def _quantize_problems(config: PipelineConfig, prefix: str) -> list[Problem]:
              for m in type_problems(cfg.activation_type, cfg.weight_type)]
     messages = calibration_problems(cfg.calibration_size, known_train_size(config.data),
                                     known_class_count(config.data))
+    if config.gate.prefer == "fastest" and 1 not in config.evaluate.latency_batch_sizes:
+        found.append(Problem(f"{prefix}gate.prefer", "fastest compares p50 latency at batch 1, "
+                             "which is not measured; add 1 to evaluate.latency_batch_sizes "
+                             f"(got {list(config.evaluate.latency_batch_sizes)}) or choose "
+                             "prefer: smallest / most_accurate"))
     return found + [Problem(f"{path}.calibration_size", m) for m in messages]
