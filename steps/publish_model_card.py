@@ -25,7 +25,7 @@ from kdpipe.config import (
     TrackingConfig,
 )
 from kdpipe.data import DatasetSpec
-from kdpipe.evaluation import CANDIDATE, EvaluationReport
+from kdpipe.evaluation import EvaluationReport
 from kdpipe.gate import GateDecision
 from kdpipe.model_card import IntendedUse, ModelCard, build_card, build_lineage
 from kdpipe.promotion import PromotionResult
@@ -42,11 +42,6 @@ def _intended_use(model: Any) -> IntendedUse:
     return IntendedUse(license=model.license, use_cases=model.use_cases,
                        limitations=model.limitations)
 
-
-def _judged_candidate(decision: GateDecision) -> str:
-    """The report key of the candidate the gate decided on: ``GateDecision.promote`` once
-    the gate chooses among candidates (FP32 / INT8), else the one FP32 candidate."""
-    return str(getattr(decision, "promote", CANDIDATE))
 
 
 @step(enable_cache=False, output_materializers=ModelCardMaterializer)
@@ -76,8 +71,7 @@ def publish_model_card(
                                 ids=ids)
         card = build_card(model_name=model.name, version=str(model.version), report=evaluation,
                           dataset=dataset, decision=gate_decision, promotion=promotion,
-                          lineage=lineage, intended_use=_intended_use(model),
-                          candidate=_judged_candidate(gate_decision))
+                          lineage=lineage, intended_use=_intended_use(model))
         card_uri = log_card(card)
         if promotion.promoted and promotion.mlflow_version:
             describe_version(promotion.registered_model, promotion.mlflow_version,

@@ -110,7 +110,7 @@ def test_summary_paragraph_for_promoted_and_rejected() -> None:
 def test_gate_table_has_one_row_per_enabled_check() -> None:
     md = card_markdown(card(promoted=False))
     gate = md.split("## Gate", 1)[1]
-    assert "| min_accuracy | candidate (ONNX) accuracy | 0.92 | >= 0.99 | fail |" in gate
+    assert "| min_accuracy | candidate (onnx) accuracy | 0.92 | >= 0.99 | fail |" in gate
     assert "| max_parity_error |" in gate and "Disabled checks: " in gate
     assert "min_compression" in gate.split("Disabled checks: ", 1)[1]
 
@@ -173,3 +173,26 @@ def test_mlflow_side_needs_a_run_and_names_a_missing_version() -> None:
     with pytest.raises(TrackingError, match="could not describe version 9 of registered model "
                                             "'no-such-model'"):
         describe_version("no-such-model", "9", "text")
+
+
+def test_card_of_the_chosen_int8_candidate_shows_both_tables_and_the_choice() -> None:
+    from tests.test_gate import with_int8
+
+    base = report().model_copy(update={"classes": CLASSES})
+    fp32 = base.models["onnx"]
+    rep = with_int8(base, accuracy=fp32.accuracy, p50_b1=0.001, size_bytes=10)
+    decision = decide(rep, GateConfig(min_accuracy=0.5, max_drop_vs_teacher=None,
+                                      max_parity_error=None, min_compression=None,
+                                      min_gain_vs_production=None, min_agreement=None))
+    assert decision.chosen == "onnx_int8"
+    lineage = build_lineage(teacher=TeacherConfig(), student=StudentConfig(),
+                            prune=PruneConfig(), distill=DistillConfig(), quantize=QuantizeConfig(),
+                            report=rep, ids={})
+    built = build_card(model_name="m", version="1", report=rep, dataset=dataset(),
+                       decision=decision, promotion=promotion(True), lineage=lineage, cpu=CPU,
+                       intended_use=IntendedUse())
+    assert built.candidate == "onnx_int8"
+    assert list(built.other_candidates) == ["onnx (FP32)"]
+    gate = card_markdown(built).split("## Gate", 1)[1]
+    assert "Choice among candidates: " in gate and "onnx_int8" in gate
+    assert gate.count("| check | measures |") == 2  # the chosen table and the FP32 one

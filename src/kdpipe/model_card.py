@@ -13,8 +13,8 @@ them as Markdown and HTML. Core code: no zenml (the step passes ZenML's names in
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -138,6 +138,11 @@ class ModelCard(_Frozen):
     frontier: list[FrontierPoint]
     gate_passed: bool
     gate: list[GateRow]
+    """The judged candidate's checks."""
+    other_candidates: dict[str, list[GateRow]] = {}
+    """Every other candidate's checks (e.g. the INT8 model beside FP32), by label."""
+    choice: str = ""
+    """Why the gate chose the judged candidate among those that passed."""
     gate_disabled: list[str] = []
     cpu: CpuFacts
     intended_use: IntendedUse
@@ -216,13 +221,15 @@ def build_lineage(*, teacher: TeacherConfig, student: StudentConfig, distill: Di
 def build_card(*, model_name: str, version: str | None, report: EvaluationReport,
                dataset: DatasetSpec, decision: GateDecision, promotion: PromotionResult,
                lineage: Lineage, intended_use: IntendedUse, cpu: CpuFacts | None = None,
-               candidate: str = CANDIDATE) -> ModelCard:
-    """The card of ``candidate`` (a ``report.models`` key), promoted or not.
+               candidate: str | None = None) -> ModelCard:
+    """The card of ``candidate`` (a ``report.models`` key; default: the one the gate decided
+    on, ``decision.promote``), promoted or not.
 
     Raises:
         ValueError: ``candidate`` is not in the report, or the report was made on other
             data than ``dataset`` (fingerprints differ).
     """
+    candidate = candidate or decision.promote
     if candidate not in report.models:
         raise ValueError(f"candidate {candidate!r} is not in the evaluation report "
                          f"(models: {', '.join(report.models)})")
@@ -232,13 +239,20 @@ def build_card(*, model_name: str, version: str | None, report: EvaluationReport
     if promotion.promoted:
         lineage = lineage.model_copy(update={"mlflow_version": promotion.mlflow_version,
                                              "registered_model": promotion.registered_model})
-    rows = [GateRow(check=c.name, description=c.description, value=c.value,
-                    threshold=c.threshold, comparison=c.comparison, verdict=c.verdict,
-                    reason=c.reason) for c in decision.checks]
+    rows = _gate_rows(decision.checks)
+    others = {v.label: _gate_rows(v.checks) for v in decision.candidates if v.name != candidate}
     return ModelCard(
         model_name=model_name, version=version, candidate=candidate,
         promoted=promotion.promoted, outcome=promotion.summary(), split=report.split,
         data=DataFacts.of(dataset), lineage=lineage, models=dict(report.models),
         frontier=frontier_points(report, promoted=candidate if promotion.promoted else None),
-        gate_passed=decision.passed, gate=rows, gate_disabled=list(decision.disabled),
+        gate_passed=decision.passed, gate=rows, other_candidates=others, choice=decision.choice,
+        gate_disabled=list(decision.disabled),
         cpu=cpu or CpuFacts.here(), intended_use=intended_use)
+
+
+def _gate_rows(checks: Sequence[Any]) -> list[GateRow]:
+    """A gate table as the card's rows."""
+    return [GateRow(check=c.name, description=c.description, value=c.value,
+                    threshold=c.threshold, comparison=c.comparison, verdict=c.verdict,
+                    reason=c.reason) for c in checks]

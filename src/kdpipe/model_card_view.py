@@ -7,6 +7,8 @@ Markdown refers to it as an image file beside it (``frontier.png`` in the MLflow
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kdpipe.card_doc import (
     Block,
     Bullets,
@@ -20,7 +22,7 @@ from kdpipe.card_doc import (
 )
 from kdpipe.eval_report import ModelEvaluation
 from kdpipe.frontier import frontier_figure, frontier_table
-from kdpipe.model_card import NOT_STATED, ModelCard
+from kdpipe.model_card import NOT_STATED, GateRow, ModelCard
 from kdpipe.plots import to_svg
 
 __all__ = ["FIGURE_FILE", "card_blocks", "card_html", "card_markdown"]
@@ -97,14 +99,22 @@ def _latency(card: ModelCard, figure_svg: str | None) -> list[Block]:
     return blocks
 
 
-def _gate(card: ModelCard) -> list[Block]:
+def _gate_table(gate_rows: Sequence[GateRow]) -> Table:
     rows = tuple((r.check, r.description, _fmt(r.value, ".6g"),
-                  f"{r.comparison} {r.threshold:.6g}", r.verdict, r.reason) for r in card.gate)
+                  f"{r.comparison} {r.threshold:.6g}", r.verdict, r.reason) for r in gate_rows)
+    return Table(("check", "measures", "value", "threshold", "verdict", "detail"), rows,
+                 right=frozenset({2}), row_classes=tuple(r.verdict for r in gate_rows))
+
+
+def _gate(card: ModelCard) -> list[Block]:
     blocks: list[Block] = [
         Heading("Gate"),
         Para(f"{'PASSED' if card.gate_passed else 'REJECTED'}: {card.outcome}", strong=True),
-        Table(("check", "measures", "value", "threshold", "verdict", "detail"), rows,
-              right=frozenset({2}), row_classes=tuple(r.verdict for r in card.gate))]
+        _gate_table(card.gate)]
+    if card.choice:
+        blocks.append(Para(f"Choice among candidates: {card.choice}"))
+    for label, gate_rows in card.other_candidates.items():
+        blocks += [Para(f"Other candidate: {label}", strong=True), _gate_table(gate_rows)]
     if card.gate_disabled:
         blocks.append(Para(f"Disabled checks: {', '.join(card.gate_disabled)}."))
     return blocks
