@@ -59,7 +59,7 @@ CLUSTER_CONFIGS = [KUBERNETES, KUBEFLOW]
 
 PIPELINE_STEPS = {
     "ingest_data", "finetune_teacher", "distill_student", "prune_student",
-    "export_onnx", "evaluate_models", "gate_student", "promote_student",
+    "export_onnx", "evaluate_models", "gate_student", "promote_student", "publish_model_card",
 }  # fmt: skip
 GPU_STEPS = ("finetune_teacher", "distill_student", "prune_student")
 TRACKED_STEPS = (*GPU_STEPS, "evaluate_models")
