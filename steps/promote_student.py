@@ -60,7 +60,10 @@ def promote_student(
                                 lineage_model=model.name, version=str(model.version),
                                 int8=chosen_int8(gate_decision, student_onnx_int8))
     with mlflow_run(tracking_cfg) as uri:
-        log_metrics(gate_decision.metadata(), "gate")
+        # Thresholds are config constants (already params, as the flattened config): only
+        # the measured values and verdicts become metrics.
+        log_metrics({k: v for k, v in gate_decision.metadata().items()
+                     if not k.endswith("_threshold")}, "gate")
         champions = MlflowChampionStore(tracking_cfg.registered_model, tracking_uri=uri,
                                         experiment=tracking_cfg.experiment)
         result = promote_candidate(candidate, gate_decision, ZenmlStageStore(model.name),

@@ -217,6 +217,11 @@ def test_mlflow_run_holds_params_curves_and_the_onnx_model(runs: dict[str, Any])
     assert {k: data.params[f"data.{k}_samples"] for k in spec.split_sizes} == {
         k: str(v) for k, v in spec.split_sizes.items()}
     assert not [k for k in data.metrics if k.startswith("data/")], data.metrics
+    # gate thresholds are the config's (params), not metrics; measured values are metrics
+    assert not [k for k in data.metrics if k.endswith("_threshold")], data.metrics
+    assert float(data.params["gate.min_accuracy"]) == pytest.approx(0.2)  # configs/smoke.yaml
+    assert data.metrics["gate/gate_passed"] in (0.0, 1.0)
+    assert 0.0 <= data.metrics["gate/gate_min_accuracy_value"] <= 1.0
     epochs = {"teacher/train_loss": 2, "student/train_kd": 2, "student/train_ce": 2,
               "recovery/train_kd": 1}
     for key, n in epochs.items():
