@@ -44,6 +44,9 @@ STUDENTS = {
     "base20": dict(augment=False, epochs=20, lr=5e-3, T=4.0, alpha=0.9),
     "base_t2": dict(augment=False, epochs=10, lr=5e-3, T=2.0, alpha=0.9),
     "base_a05": dict(augment=False, epochs=10, lr=5e-3, T=4.0, alpha=0.5),
+    "base_a1": dict(augment=False, epochs=10, lr=5e-3, T=4.0, alpha=1.0),
+    "base_t1": dict(augment=False, epochs=10, lr=5e-3, T=1.0, alpha=0.9),
+    "base_t8": dict(augment=False, epochs=10, lr=5e-3, T=8.0, alpha=0.9),
 }
 
 

@@ -210,10 +210,10 @@ class DistillConfig(_Frozen):
     """Module path of the student's feature layer (e.g. ``layer3``) for feature losses."""
     teacher_layer: str | None = None
     cache_teacher_logits: bool = True
+    """Compute the frozen teacher's logits once when the train split has no augmentation."""
     assistants: tuple[StudentConfig, ...] = ()
     """Teacher assistants (Mirzadeh et al. 2020), each distilled from the model before it
     (teacher -> assistant 1 -> ... -> student) with this section's losses."""
-    """Compute the frozen teacher's logits once when the train split has no augmentation."""
 
     @model_validator(mode="after")
     def _feature_layers(self) -> DistillConfig:
