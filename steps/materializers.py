@@ -107,6 +107,18 @@ class _FileMaterializer(BaseMaterializer):
         with self.artifact_store.open(self._path(name), "rb") as f:
             return f.read()
 
+    def _verified_local_copy(self, filename: str, sha256: str, what: str) -> Path:
+        """A local copy of a stored file (in a folder kept until the step ends), checked
+        against the sha256 the artifact records."""
+        with self.get_temporary_directory(delete_at_exit=False) as tmp:
+            local = Path(tmp) / filename
+            fileio.copy(self._path(filename), str(local), overwrite=True)
+        digest = hashlib.sha256(local.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise ValueError(f"{self._path(filename)} has sha256 {digest} but the artifact "
+                             f"records {sha256}: the stored {what} was modified")
+        return local
+
     def _hash_files(self, names: list[str]) -> str:
         """sha256 over (name, bytes) of the stored files, in the given order."""
         h = hashlib.sha256()
@@ -262,13 +274,7 @@ class OnnxExportMaterializer(_FileMaterializer):
 
     def load(self, data_type: type[ExportResult]) -> ExportResult:
         result = ExportResult.model_validate_json(self._read(self.RESULT_FILE))
-        with self.get_temporary_directory(delete_at_exit=False) as tmp:
-            local = Path(tmp) / result.filename
-            fileio.copy(self._path(result.filename), str(local), overwrite=True)
-        digest = hashlib.sha256(local.read_bytes()).hexdigest()
-        if digest != result.sha256:
-            raise ValueError(f"{self._path(result.filename)} has sha256 {digest} but the artifact "
-                             f"records {result.sha256}: the stored ONNX file was modified")
+        local = self._verified_local_copy(result.filename, result.sha256, "ONNX file")
         return result.model_copy(update={"path": str(local)})
 
     def save(self, data: ExportResult) -> None:
@@ -314,13 +320,7 @@ class QuantizedOnnxMaterializer(_FileMaterializer):
         if outcome.result is None:
             return outcome
         result = outcome.result
-        with self.get_temporary_directory(delete_at_exit=False) as tmp:
-            local = Path(tmp) / result.filename
-            fileio.copy(self._path(result.filename), str(local), overwrite=True)
-        digest = hashlib.sha256(local.read_bytes()).hexdigest()
-        if digest != result.sha256:
-            raise ValueError(f"{self._path(result.filename)} has sha256 {digest} but the artifact "
-                             f"records {result.sha256}: the stored INT8 ONNX file was modified")
+        local = self._verified_local_copy(result.filename, result.sha256, "INT8 ONNX file")
         return outcome.model_copy(update={"result": result.model_copy(update={"path": str(local)})})
 
     def save(self, data: QuantizeOutcome) -> None:
