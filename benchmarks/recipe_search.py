@@ -32,6 +32,7 @@ TEACHERS = {
     "plain": dict(augment=False, epochs=15, lr=3e-3),
     "aug": dict(augment=True, epochs=15, lr=3e-3),
     "aug30": dict(augment=True, epochs=30, lr=3e-3),
+    "plain5": dict(augment=False, epochs=5, lr=3e-3),  # early-stopped: memorises less
 }
 STUDENTS = {
     "base": dict(augment=False, epochs=10, lr=5e-3, T=4.0, alpha=0.9),
